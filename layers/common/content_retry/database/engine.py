@@ -1,0 +1,189 @@
+"""Database access from Lambda (DESIGN §7).
+
+One engine per process, created on first use (never at import, so SnapStart
+snapshots hold no connection), holding at most one connection, pinging it
+before use so a connection the proxy or server dropped is replaced.
+
+Nothing here pins an RDS Proxy session: no session ``SET`` (no
+``isolation_level``), no startup ``options``, no server-side cursors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
+
+from content_retry.settings import Settings, SettingsError, get_settings
+
+ConnectParams = dict[str, Any]
+
+_DRIVER = "postgresql+pg8000"
+
+
+def normalise_database_url(database_url: str) -> URL:
+    """Turn a ``postgresql://`` URL (as libpq tools write it) into one for pg8000.
+
+    A ``host=/socket/dir`` query (libpq's way of naming a Unix socket) becomes
+    pg8000's ``unix_sock``.
+
+    Raises:
+        SettingsError: the URL is not a PostgreSQL URL.
+    """
+    url = make_url(database_url)
+    if url.get_backend_name() not in ("postgresql", "postgres"):
+        raise SettingsError(f"DATABASE_URL must be a postgresql:// URL, not {url.drivername}://")
+    url = url.set(drivername=_DRIVER)
+    socket_dir = url.query.get("host")
+    if isinstance(socket_dir, str) and socket_dir.startswith("/"):
+        port = url.port or 5432
+        url = url.difference_update_query(["host"]).update_query_dict(
+            {"unix_sock": f"{socket_dir}/.s.PGSQL.{port}"}
+        )
+    return url
+
+
+def _tcp_or_socket(host: str, port: int) -> ConnectParams:
+    """pg8000 connect arguments for a host name, or for a socket directory."""
+    if host.startswith("/"):
+        return {"unix_sock": f"{host}/.s.PGSQL.{port}"}
+    # RDS Proxy requires TLS; its certificates chain to Amazon's public roots,
+    # which the default trust store holds.
+    return {"host": host, "port": port, "ssl_context": ssl.create_default_context()}
+
+
+def iam_connect_params(settings: Settings, rds_client: Any) -> ConnectParams:
+    """Connect arguments with a fresh IAM auth token as the password.
+
+    Tokens live 15 minutes, so one is generated for every new connection
+    rather than once per process.
+    """
+    host = settings.require("db_host")
+    user = settings.require("db_user")
+    token = rds_client.generate_db_auth_token(
+        DBHostname=host, Port=settings.db_port, DBUsername=user, Region=settings.aws_region
+    )
+    return {
+        **_tcp_or_socket(host, settings.db_port),
+        "user": user,
+        "database": settings.require("db_name"),
+        "password": token,
+    }
+
+
+def secret_connect_params(settings: Settings, secrets_client: Any) -> ConnectParams:
+    """Connect arguments from the Secrets Manager secret that RDS keeps.
+
+    Read for every new connection, so a rotated password is picked up. The
+    secret's ``host``/``port`` are used only when DB_HOST is not set (the proxy
+    endpoint differs from the instance the secret describes).
+
+    Raises:
+        SettingsError: the secret is not the JSON RDS writes (username, password).
+    """
+    arn = settings.require("db_secret_arn")
+    raw = secrets_client.get_secret_value(SecretId=arn)["SecretString"]
+    try:
+        secret = json.loads(raw)
+        username, password = secret["username"], secret["password"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SettingsError(
+            f"secret {arn} must be JSON with 'username' and 'password' (as RDS writes it)"
+        ) from exc
+    host = settings.db_host or secret.get("host")
+    if not host:
+        raise SettingsError("DB_HOST is not set and the secret names no host")
+    port = settings.db_port if settings.db_host else int(secret.get("port", settings.db_port))
+    return {
+        **_tcp_or_socket(str(host), port),
+        "user": settings.db_user or username,
+        "database": settings.db_name or secret.get("dbname", "postgres"),
+        "password": password,
+    }
+
+
+def build_engine(
+    settings: Settings,
+    *,
+    connect_params: Callable[[], ConnectParams] | None = None,
+    pool_size: int = 1,
+) -> Engine:
+    """Create an engine for the configured database.
+
+    Args:
+        settings: ``DATABASE_URL``, or ``DB_*`` with ``DB_AUTH=iam|secret``.
+        connect_params: resolves credentials for each new connection; by default
+            derived from ``settings`` (IAM token or Secrets Manager).
+        pool_size: connections this process may hold; 1 in Lambda (one request
+            at a time per container), more only for local multi-threaded tools.
+
+    Raises:
+        SettingsError: the settings describe no database.
+    """
+    pool_args: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": 0,
+        # Give up quickly rather than queue behind a saturated pool.
+        "pool_timeout": 10,
+    }
+    if settings.database_url:
+        engine = create_engine(normalise_database_url(settings.database_url), **pool_args)
+        event.listen(engine, "checkout", _ping_on_checkout)
+        return engine
+    if settings.db_auth is None:
+        raise SettingsError("set DATABASE_URL, or DB_HOST/DB_NAME/DB_USER with DB_AUTH=iam|secret")
+
+    if connect_params is None:
+        connect_params = _default_connect_params(settings)
+    engine = create_engine(URL.create(_DRIVER), **pool_args)
+    event.listen(engine, "checkout", _ping_on_checkout)
+    resolve = connect_params
+
+    @event.listens_for(engine, "do_connect")
+    def _credentials_per_connection(
+        dialect: Any, conn_rec: Any, cargs: Any, cparams: ConnectParams
+    ) -> None:
+        cparams.update(resolve())
+
+    return engine
+
+
+def _ping_on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
+    """Pre-ping: replace a pooled connection that the server or proxy dropped.
+
+    This is SQLAlchemy's ``pool_pre_ping`` done by hand: pg8000 lets the
+    ``OSError`` of a reset socket escape unwrapped from its first read, which
+    ``pool_pre_ping`` does not recognise as a disconnect. Raising
+    ``DisconnectionError`` makes the pool discard the connection and open a
+    new one.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT 1")
+    except Exception as exc:  # any failure of a trivial SELECT means the connection is unusable
+        raise DisconnectionError(f"pooled connection is unusable: {exc!r}") from exc
+    finally:
+        # closing a cursor of a dead connection may fail too
+        with contextlib.suppress(Exception):
+            cursor.close()
+
+
+def _default_connect_params(settings: Settings) -> Callable[[], ConnectParams]:
+    from content_retry.aws import client
+
+    if settings.db_auth == "iam":
+        return lambda: iam_connect_params(settings, client("rds"))
+    return lambda: secret_connect_params(settings, client("secretsmanager"))
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    """The process's engine, created on first use from :func:`get_settings`."""
+    return build_engine(get_settings())

@@ -1,0 +1,46 @@
+"""An embedded PostgreSQL from a pip wheel (pgserver): no system install, no Docker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL could not be started."""
+
+
+def start_embedded_postgres(data_dir: Path, *, delete_on_exit: bool = False) -> str:
+    """Start (or reuse) a PostgreSQL server whose data lives in ``data_dir``.
+
+    The server listens only on a Unix socket; it is stopped cleanly when the
+    last process using it exits. A server already running on ``data_dir`` (from
+    another process) is reused, and a stopped one keeps its data.
+
+    Args:
+        data_dir: the cluster's data folder; created (with its parent) if absent.
+        delete_on_exit: remove the data when the server stops (tests).
+
+    Returns:
+        A SQLAlchemy URL for the ``postgres`` database.
+
+    Raises:
+        EmbeddedPostgresError: the wheel is not installed or the server failed.
+    """
+    try:
+        from pgserver import get_server  # type: ignore[attr-defined]
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise EmbeddedPostgresError(
+            "the embedded PostgreSQL needs the 'pgserver' package "
+            "(pip install 'content-retry[local]'), or set DATABASE_URL"
+        ) from exc
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server: Any = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+    except Exception as exc:
+        raise EmbeddedPostgresError(
+            f"embedded PostgreSQL did not start in {data_dir}: {exc}"
+        ) from exc
+    info = server.get_postmaster_info()
+    port = info.port or 5432
+    return f"postgresql+pg8000://postgres@/postgres?unix_sock={info.socket_dir}/.s.PGSQL.{port}"

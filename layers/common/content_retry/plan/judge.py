@@ -1,0 +1,213 @@
+"""The one judge (DESIGN §4): what needs retrying, and why.
+
+Every path that starts a retry (the API, the schedule sweep, a direct invoke)
+calls :func:`build_retry_plan`; the generate function never re-decides. The
+rule itself is :func:`judge_item`, a pure function of one item's state; the SQL
+here only gathers that state for a whole roadmap in one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from content_retry.content_types import STORAGE, ContentType, parse_content_types
+from content_retry.plan.models import ConceptContext, ConceptPlan, PlannedItem, Reason, RetryPlan
+from content_retry.roadmaps import lock_roadmap, patch_concept_statuses
+
+
+class RoadmapNotFoundError(LookupError):
+    """The roadmap does not exist, or is not the caller's (the two are not told apart)."""
+
+
+class Decision(StrEnum):
+    RETRY = "retry"
+    COMPLETED = "completed"
+    CLAIMED = "claimed"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    decision: Decision
+    reason: Reason | None = None
+    # The framework status says null or failed while a completed latest row exists.
+    repair_framework_status: bool = False
+
+
+def judge_item(framework_status: str | None, latest_status: str | None, claimed: bool) -> Judgement:
+    """Decide one item from its state.
+
+    Args:
+        framework_status: the concept's status for this content type in
+            ``framework_data`` (``None`` when absent or null).
+        latest_status: ``content_status`` of the item's ``is_latest`` row,
+            ``None`` when there is no such row.
+        claimed: a retry task holds a live claim on the item.
+
+    The item needs retry exactly when it has no completed latest row and no
+    live claim. Framework status alone never decides; it only names the reason.
+    """
+    if latest_status == "completed":
+        return Judgement(
+            Decision.COMPLETED, repair_framework_status=framework_status in (None, "failed")
+        )
+    if claimed:
+        return Judgement(Decision.CLAIMED)
+    if framework_status == "failed" or latest_status == "failed":
+        return Judgement(Decision.RETRY, Reason.FAILED)
+    if framework_status == "processing":
+        return Judgement(Decision.RETRY, Reason.STALE)
+    return Judgement(Decision.RETRY, Reason.MISSING)
+
+
+def _array(expression: str) -> str:
+    # A malformed part of framework_data (not an array) contributes no concepts
+    # instead of failing the whole plan.
+    return f"CASE WHEN jsonb_typeof({expression}) = 'array' THEN {expression} ELSE '[]'::jsonb END"
+
+
+def _state_query(content_types: tuple[ContentType, ...]) -> str:
+    wanted = ", ".join(
+        f"('{content_type.value}', '{STORAGE[content_type].status_key}', {position})"
+        for position, content_type in enumerate(content_types)
+    )
+    # Several latest rows for one concept break the contract; if the platform
+    # wrote them anyway, one completed among them counts as completed.
+    # Table names and keys come from STORAGE, never from the caller.
+    latest = "\nUNION ALL\n".join(
+        f"""SELECT '{content_type.value}' AS content_type, concept_id,
+       CASE WHEN bool_or(content_status = 'completed') THEN 'completed'
+            WHEN bool_or(content_status = 'failed') THEN 'failed'
+            ELSE min(content_status) END AS latest_status
+FROM {STORAGE[content_type].table}
+WHERE roadmap_id = :roadmap_id AND is_latest
+GROUP BY concept_id"""  # noqa: S608 - constants from STORAGE
+        for content_type in content_types
+    )
+    return f"""
+WITH concepts AS (
+  SELECT c.concept, c.concept ->> 'concept_id' AS concept_id,
+         s.stage ->> 'name' AS stage_name, m.module ->> 'name' AS module_name,
+         s.i, m.j, c.k
+  FROM roadmap_metadata AS r
+  CROSS JOIN LATERAL jsonb_array_elements({_array("r.framework_data -> 'stages'")})
+       WITH ORDINALITY AS s(stage, i)
+  CROSS JOIN LATERAL jsonb_array_elements({_array("s.stage -> 'modules'")})
+       WITH ORDINALITY AS m(module, j)
+  CROSS JOIN LATERAL jsonb_array_elements({_array("m.module -> 'concepts'")})
+       WITH ORDINALITY AS c(concept, k)
+  WHERE r.roadmap_id = :roadmap_id
+    AND jsonb_typeof(c.concept) = 'object'
+    AND c.concept ->> 'concept_id' IS NOT NULL
+),
+wanted(content_type, status_key, position) AS (VALUES {wanted}),
+latest AS ({latest}),
+claims AS (
+  SELECT DISTINCT concept_id, content_type
+  FROM retry_items
+  WHERE roadmap_id = :roadmap_id
+    AND status IN ('queued', 'running')
+    AND claimed_at > now() - make_interval(mins => :lease_minutes)
+)
+SELECT w.content_type, c.concept_id,
+       c.concept ->> 'name' AS name, c.concept ->> 'description' AS description,
+       c.stage_name, c.module_name,
+       c.concept ->> w.status_key AS framework_status,
+       l.latest_status,
+       cl.concept_id IS NOT NULL AS claimed
+FROM concepts AS c
+CROSS JOIN wanted AS w
+LEFT JOIN latest AS l ON l.content_type = w.content_type AND l.concept_id = c.concept_id
+LEFT JOIN claims AS cl ON cl.content_type = w.content_type AND cl.concept_id = c.concept_id
+-- Only rows judge_item can act on come back: items without a completed latest
+-- row, and completed ones whose framework status may need repair. A healthy
+-- roadmap returns no rows however large it is.
+WHERE l.latest_status IS DISTINCT FROM 'completed'
+   OR c.concept ->> w.status_key IS NULL
+   OR c.concept ->> w.status_key = 'failed'
+ORDER BY c.i, c.j, c.k, w.position
+"""  # noqa: S608 - constant fragments; values are bound
+
+
+def build_retry_plan(
+    session: Session,
+    roadmap_id: str,
+    content_types: Iterable[str] | None = None,
+    *,
+    owner: str | None = None,
+    claim_lease_minutes: int = 60,
+) -> RetryPlan:
+    """Plan the retry of one roadmap: every item that needs it, with its reason.
+
+    Runs in the caller's transaction and issues at most three statements,
+    whatever the roadmap's size: lock the roadmap row, read every item's state,
+    and (only when some framework status disagrees with the tables) repair
+    those statuses. The roadmap stays locked until the caller's transaction
+    ends, so claims written in that transaction are seen by the next planner.
+
+    Args:
+        roadmap_id: the roadmap to plan.
+        content_types: names of the content types to consider; ``None`` for all.
+        owner: when given, the roadmap must belong to this user.
+        claim_lease_minutes: claims older than this are expired and no longer
+            hold their items back.
+
+    Raises:
+        UnknownContentTypeError: a content type is unknown, or the list is empty.
+        RoadmapNotFoundError: no such roadmap, or it is not ``owner``'s.
+    """
+    types = parse_content_types(content_types)
+    roadmap = lock_roadmap(session, roadmap_id)
+    if roadmap is None or (owner is not None and roadmap.user_id != owner):
+        raise RoadmapNotFoundError(roadmap_id)
+
+    rows = session.execute(
+        text(_state_query(types)),
+        {"roadmap_id": roadmap_id, "lease_minutes": claim_lease_minutes},
+    ).all()
+
+    concepts: dict[str, ConceptPlan] = {}
+    seen: set[tuple[str, str]] = set()
+    repairs: dict[str, dict[str, str]] = {}
+    claimed = 0
+    for row in rows:
+        key = (row.concept_id, row.content_type)
+        if key in seen:  # a concept listed twice in framework_data is planned once
+            continue
+        seen.add(key)
+        content_type = ContentType(row.content_type)
+        judgement = judge_item(row.framework_status, row.latest_status, row.claimed)
+        if judgement.repair_framework_status:
+            repairs.setdefault(row.concept_id, {})[STORAGE[content_type].status_key] = "completed"
+        if judgement.decision is Decision.CLAIMED:
+            claimed += 1
+        if judgement.decision is not Decision.RETRY or judgement.reason is None:
+            continue
+        concept = concepts.get(row.concept_id)
+        if concept is None:
+            concept = concepts[row.concept_id] = ConceptPlan(
+                concept=ConceptContext(
+                    concept_id=row.concept_id,
+                    name=row.name,
+                    description=row.description,
+                    stage=row.stage_name,
+                    module=row.module_name,
+                )
+            )
+        concept.items.append(PlannedItem(content_type, judgement.reason))
+
+    if repairs:
+        patch_concept_statuses(session, roadmap_id, repairs)
+
+    return RetryPlan(
+        roadmap_id=roadmap_id,
+        user_id=roadmap.user_id,
+        content_types=types,
+        concepts=list(concepts.values()),
+        claimed_count=claimed,
+        repaired_count=sum(len(keys) for keys in repairs.values()),
+    )

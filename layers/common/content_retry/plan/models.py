@@ -1,0 +1,70 @@
+"""The retry plan: what the judge hands to everything downstream."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from content_retry.content_types import ContentType
+
+
+class Reason(StrEnum):
+    MISSING = "missing"
+    FAILED = "failed"
+    STALE = "stale"
+
+
+@dataclass(frozen=True)
+class ConceptContext:
+    """Everything about a concept that a generator needs, copied from framework_data."""
+
+    concept_id: str
+    name: str | None
+    description: str | None
+    stage: str | None
+    module: str | None
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    content_type: ContentType
+    reason: Reason
+
+
+@dataclass
+class ConceptPlan:
+    """One concept's items that need retry: one retry message."""
+
+    concept: ConceptContext
+    items: list[PlannedItem] = field(default_factory=list)
+
+
+@dataclass
+class RetryPlan:
+    roadmap_id: str
+    user_id: str
+    content_types: tuple[ContentType, ...]
+    concepts: list[ConceptPlan]
+    # Items left out because another task holds a live claim on them.
+    claimed_count: int = 0
+    # Framework statuses set to completed because a completed latest row exists.
+    repaired_count: int = 0
+
+    @property
+    def items(self) -> list[tuple[ConceptContext, PlannedItem]]:
+        return [(plan.concept, item) for plan in self.concepts for item in plan.items]
+
+    @property
+    def item_count(self) -> int:
+        return sum(len(plan.items) for plan in self.concepts)
+
+    def count_by_type(self) -> dict[str, int]:
+        counts = Counter(item.content_type.value for _, item in self.items)
+        return {
+            content_type.value: counts[content_type.value] for content_type in self.content_types
+        }
+
+    def count_by_reason(self) -> dict[str, int]:
+        counts = Counter(item.reason.value for _, item in self.items)
+        return {reason.value: counts[reason.value] for reason in Reason}

@@ -1,0 +1,116 @@
+"""The pipeline's configuration: one model, read from the environment once.
+
+Nothing else in the package reads ``os.environ``; code that needs a setting
+calls :func:`get_settings` (cached), and tests that change the environment call
+``get_settings.cache_clear()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DbAuth = Literal["iam", "secret"]
+GeneratorName = Literal["template", "bedrock"]
+
+
+class SettingsError(ValueError):
+    """The environment does not describe a usable configuration."""
+
+
+class Settings(BaseModel):
+    """Environment variables of DESIGN §8, validated.
+
+    Field aliases are the environment variable names.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    db_host: str | None = Field(default=None, alias="DB_HOST")
+    db_port: Annotated[int, Field(ge=1, le=65535)] = Field(default=5432, alias="DB_PORT")
+    db_name: str | None = Field(default=None, alias="DB_NAME")
+    db_user: str | None = Field(default=None, alias="DB_USER")
+    db_auth: DbAuth | None = Field(default=None, alias="DB_AUTH")
+    db_secret_arn: str | None = Field(default=None, alias="DB_SECRET_ARN")
+
+    retry_queue_url: str | None = Field(default=None, alias="RETRY_QUEUE_URL")
+    retry_dlq_url: str | None = Field(default=None, alias="RETRY_DLQ_URL")
+
+    content_generator: GeneratorName = Field(default="template", alias="CONTENT_GENERATOR")
+    bedrock_model_id: str | None = Field(default=None, alias="BEDROCK_MODEL_ID")
+
+    sweep_grace_minutes: Annotated[int, Field(ge=0)] = Field(
+        default=30, alias="SWEEP_GRACE_MINUTES"
+    )
+    sweep_max_roadmaps: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=50, alias="SWEEP_MAX_ROADMAPS"
+    )
+    # How long a planned item stays claimed before another detect run may plan it
+    # again. It bounds how long a crash between commit and send delays a retry.
+    claim_lease_minutes: Annotated[int, Field(ge=1)] = Field(
+        default=60, alias="CLAIM_LEASE_MINUTES"
+    )
+
+    aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
+    aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
+
+    @model_validator(mode="after")
+    def _database_is_described(self) -> Settings:
+        if self.database_url or not self.db_auth:
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("DB_HOST", self.db_host),
+                ("DB_NAME", self.db_name),
+                ("DB_USER", self.db_user),
+            )
+            if not value
+        ]
+        if self.db_auth == "secret" and not self.db_secret_arn:
+            missing.append("DB_SECRET_ARN")
+        if missing:
+            raise ValueError(f"DB_AUTH={self.db_auth} also needs {', '.join(missing)}")
+        return self
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping.
+
+        Raises:
+            SettingsError: a variable holds a value that is not accepted; the
+                message names the variable and what it accepts.
+        """
+        # Empty strings mean "unset", as they do for SAM parameters left blank.
+        values = {key: value for key, value in environ.items() if value != ""}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'environment'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise SettingsError(f"invalid configuration: {problems}") from exc
+
+    def require(self, name: str) -> str:
+        """Return a setting that this code path cannot run without.
+
+        Raises:
+            SettingsError: the setting is unset; the message names its variable.
+        """
+        value = getattr(self, name)
+        if not value:
+            alias = type(self).model_fields[name].alias or name.upper()
+            raise SettingsError(f"{alias} is not set")
+        return str(value)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment on first use."""
+    return Settings.from_environ(os.environ)

@@ -1,0 +1,245 @@
+"""Database access: schema creation, the engine's modes, reconnecting."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+from sqlalchemy import Engine, make_url, text
+from sqlalchemy.orm import Session
+
+from content_retry.database import build_engine, create_missing
+from content_retry.database.engine import (
+    iam_connect_params,
+    normalise_database_url,
+    secret_connect_params,
+)
+from content_retry.local.seed import seed_scenario
+from content_retry.settings import Settings, SettingsError
+
+
+def _socket_dir(database_url: str) -> str:
+    unix_sock = make_url(database_url).query.get("unix_sock")
+    if not isinstance(unix_sock, str):
+        pytest.skip("needs the embedded (Unix socket) server to connect without TLS")
+    return unix_sock.rsplit("/", 1)[0]
+
+
+def test_db_init_twice_creates_nothing_and_keeps_every_row(session: Session, db: Engine) -> None:
+    # GIVEN a database holding the seed's rows
+    seed_scenario(session, other_failures=True)
+    session.commit()
+    before = session.execute(text("SELECT count(*) FROM tutorials")).scalar_one()
+
+    # WHEN db init runs again, twice
+    with db.begin() as connection:
+        first = create_missing(connection)
+    with db.begin() as connection:
+        second = create_missing(connection)
+
+    # THEN nothing was created and nothing was lost
+    assert first == [] and second == []
+    assert session.execute(text("SELECT count(*) FROM tutorials")).scalar_one() == before == 10
+
+
+def test_db_init_never_alters_an_existing_table(database_url: str) -> None:
+    # GIVEN an empty schema where the platform already has its own roadmap_metadata
+    engine = build_engine(Settings(DATABASE_URL=database_url))
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA IF EXISTS db_init_test CASCADE"))
+        connection.execute(text("CREATE SCHEMA db_init_test"))
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("SET LOCAL search_path TO db_init_test"))
+            connection.execute(
+                text(
+                    "CREATE TABLE roadmap_metadata (roadmap_id text PRIMARY KEY, user_id text NOT "
+                    "NULL, title text, framework_data jsonb NOT NULL, created_at timestamptz NOT "
+                    "NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), "
+                    "platform_column text)"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data, "
+                    "platform_column) VALUES ('r', 'u', '{}', 'kept')"
+                )
+            )
+            # WHEN db init runs in that schema
+            created = create_missing(connection)
+            # THEN it created the rest and left the platform's table and row alone
+            assert "roadmap_metadata" not in created
+            assert {"tutorials", "retry_items"} <= set(created)
+            kept = connection.execute(text("SELECT platform_column FROM roadmap_metadata"))
+            assert kept.scalar_one() == "kept"
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("DROP SCHEMA db_init_test CASCADE"))
+        engine.dispose()
+
+
+def test_the_contract_insert_naming_only_contract_columns_works(session: Session) -> None:
+    session.execute(
+        text(
+            "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data) VALUES ('r', 'u', '{}')"
+        )
+    )
+    session.execute(
+        text(
+            "INSERT INTO quizzes (roadmap_id, concept_id, content_status) VALUES ('r', 'c', 'failed')"
+        )
+    )
+    row = session.execute(text("SELECT content_version, is_latest, id FROM quizzes")).one()
+    assert row.content_version == 1 and row.is_latest is True and row.id
+
+
+def test_one_latest_row_per_concept_is_enforced(session: Session) -> None:
+    session.execute(
+        text(
+            "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data) VALUES ('r', 'u', '{}')"
+        )
+    )
+    insert = text(
+        "INSERT INTO tutorials (roadmap_id, concept_id, content_status) VALUES ('r', 'c', 'completed')"
+    )
+    session.execute(insert)
+    with pytest.raises(Exception, match="tutorials_one_latest_per_concept"):
+        session.execute(insert)
+
+
+def test_engine_holds_one_connection_and_reconnects_after_it_is_killed(database_url: str) -> None:
+    # GIVEN the engine a Lambda container uses, with its one connection open
+    engine = build_engine(Settings(DATABASE_URL=database_url))
+    with engine.connect() as connection:
+        first_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    assert engine.pool.size() == 1  # type: ignore[attr-defined]
+
+    # WHEN the server drops that connection (a proxy idle timeout, a failover)
+    killer = build_engine(Settings(DATABASE_URL=database_url))
+    with killer.begin() as connection:
+        assert connection.execute(
+            text("SELECT pg_terminate_backend(:pid)"), {"pid": first_pid}
+        ).scalar_one()
+    killer.dispose()
+
+    # THEN the next use pings, replaces it, and succeeds
+    with engine.connect() as connection:
+        second_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    assert second_pid != first_pid
+    engine.dispose()
+
+
+def test_iam_mode_generates_a_token_for_every_new_connection(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN IAM authentication to a proxy; the test reaches the embedded server
+    # (which trusts any password) over its socket instead of TLS to the proxy
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    socket = f"{_socket_dir(database_url)}/.s.PGSQL.5432"
+    settings = Settings(
+        DB_AUTH="iam", DB_HOST="proxy.local", DB_NAME="postgres", DB_USER="postgres"
+    )
+    rds = boto3.client("rds", region_name="us-east-1")
+    passwords: list[str] = []
+
+    def resolve() -> dict[str, Any]:
+        params = iam_connect_params(settings, rds)
+        passwords.append(params["password"])
+        for tcp_only in ("host", "port", "ssl_context"):
+            del params[tcp_only]
+        return {**params, "unix_sock": socket}
+
+    engine = build_engine(settings, connect_params=resolve)
+
+    # WHEN it connects, loses the connection, and connects again
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT current_user")).scalar_one() == "postgres"
+    engine.dispose()
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    engine.dispose()
+
+    # THEN each connection got its own freshly generated token
+    assert len(passwords) == 2
+    assert all("Action=connect" in token and "DBUser=postgres" in token for token in passwords)
+
+
+def test_iam_mode_over_tcp_requires_tls() -> None:
+    settings = Settings(DB_AUTH="iam", DB_HOST="proxy.example", DB_NAME="app", DB_USER="retry")
+
+    class Rds:
+        def generate_db_auth_token(self, **kwargs: Any) -> str:
+            return f"token-for-{kwargs['DBUsername']}@{kwargs['DBHostname']}:{kwargs['Port']}"
+
+    params = iam_connect_params(settings, Rds())
+
+    assert params["ssl_context"] is not None
+    assert params["password"] == "token-for-retry@proxy.example:5432"
+    assert (params["host"], params["database"], params["user"]) == ("proxy.example", "app", "retry")
+
+
+@mock_aws
+def test_secret_mode_reads_credentials_from_secrets_manager(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the secret RDS keeps for the database, in (moto's) Secrets Manager
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(
+        Name="db",
+        SecretString=json.dumps({"username": "postgres", "password": "pw", "dbname": "postgres"}),
+    )["ARN"]
+    settings = Settings(
+        DB_AUTH="secret",
+        DB_HOST=_socket_dir(database_url),
+        DB_SECRET_ARN=arn,
+        DB_NAME="postgres",
+        DB_USER="postgres",
+    )
+
+    # WHEN the engine connects
+    engine = build_engine(settings, connect_params=lambda: secret_connect_params(settings, secrets))
+    with engine.connect() as connection:
+        # THEN it used the secret's credentials and reached the database
+        assert connection.execute(text("SELECT 1")).scalar_one() == 1
+    engine.dispose()
+    assert secret_connect_params(settings, secrets)["password"] == "pw"
+
+
+@mock_aws
+def test_a_secret_that_is_not_rds_json_is_a_clear_error() -> None:
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    arn = secrets.create_secret(Name="db", SecretString="hunter2")["ARN"]
+    settings = Settings(DB_AUTH="secret", DB_HOST="h", DB_NAME="n", DB_USER="u", DB_SECRET_ARN=arn)
+
+    with pytest.raises(SettingsError, match="'username' and 'password'"):
+        secret_connect_params(settings, secrets)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u@localhost:5433/db", "postgresql+pg8000://u@localhost:5433/db"),
+        (
+            "postgres://u@/db?host=/tmp/sock",
+            "postgresql+pg8000://u@/db?unix_sock=/tmp/sock/.s.PGSQL.5432",
+        ),
+        ("postgresql+pg8000://u@h/db", "postgresql+pg8000://u@h/db"),
+    ],
+)
+def test_database_urls_are_normalised_for_pg8000(given: str, expected: str) -> None:
+    assert normalise_database_url(given) == make_url(expected)
+
+
+def test_a_non_postgres_database_url_is_rejected() -> None:
+    with pytest.raises(SettingsError, match="postgresql://"):
+        normalise_database_url("mysql://u@h/db")
+
+
+def test_no_engine_is_created_at_import() -> None:
+    import content_retry.database.engine as engine_module
+
+    assert engine_module.get_engine.cache_info().currsize == 0
