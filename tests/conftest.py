@@ -7,17 +7,24 @@ at the end of the session.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
+from moto import mock_aws
 from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session
 
-from content_retry.database import build_engine, create_missing
+from content_retry.aws import client
+from content_retry.database import build_engine, create_missing, get_engine
 from content_retry.database.schema import metadata
 from content_retry.local.postgres import start_embedded_postgres
+from content_retry.local.template import create_queues
 from content_retry.settings import Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +103,94 @@ class StatementCounter:
 @pytest.fixture
 def count_statements(db: Engine) -> StatementCounter:
     return StatementCounter(db)
+
+
+@pytest.fixture
+def load_event() -> Callable[[str], dict[str, Any]]:
+    """The JSON of ``events/NAME`` (the same files ``sam local invoke -e`` takes)."""
+
+    def load(name: str) -> dict[str, Any]:
+        event: dict[str, Any] = json.loads((REPO_ROOT / "events" / name).read_text())
+        return event
+
+    return load
+
+
+@dataclass
+class Queues:
+    sqs: Any
+    queue_url: str
+    dlq_url: str
+
+    def receive_all(self, url: str | None = None) -> list[dict[str, Any]]:
+        """Every message now visible on a queue (deleted as read)."""
+        url = url or self.queue_url
+        messages: list[dict[str, Any]] = []
+        while True:
+            batch = self.sqs.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=0,
+                MessageAttributeNames=["All"],
+                AttributeNames=["All"],
+            ).get("Messages", [])
+            if not batch:
+                return messages
+            messages += batch
+            self.sqs.delete_message_batch(
+                QueueUrl=url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(batch)
+                ],
+            )
+
+    def depth(self, url: str | None = None) -> int:
+        attributes = self.sqs.get_queue_attributes(
+            QueueUrl=url or self.queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"]) + int(
+            attributes["ApproximateNumberOfMessagesNotVisible"]
+        )
+
+
+@pytest.fixture
+def queues(env: pytest.MonkeyPatch, db: Engine) -> Iterator[Queues]:
+    """moto's SQS with the retry queue and DLQ created from template.yaml; the
+    process environment set as the functions' (the handlers build their own
+    engine and clients from it, as in Lambda)."""
+    with mock_aws():
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        queue_url, dlq_url = create_queues(sqs)
+        env.setenv("RETRY_QUEUE_URL", queue_url)
+        env.setenv("RETRY_DLQ_URL", dlq_url)
+        _reset_process_caches()
+        yield Queues(sqs, queue_url, dlq_url)
+        _reset_process_caches()
+
+
+def _reset_process_caches() -> None:
+    get_settings.cache_clear()
+    client.cache_clear()
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+
+
+@dataclass
+class FakeLambdaContext:
+    """What the Lambda runtime passes as ``context``; time left is settable."""
+
+    function_name: str = "content-retry-test"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:content-retry-test"
+    aws_request_id: str = "00000000-0000-4000-8000-000000000000"
+    remaining_ms: int = 120_000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+@pytest.fixture
+def lambda_context() -> FakeLambdaContext:
+    return FakeLambdaContext()

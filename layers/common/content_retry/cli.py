@@ -20,6 +20,19 @@ def _db_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _openapi(args: argparse.Namespace) -> int:
+    from content_retry.api import openapi_document
+
+    document = openapi_document()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(document)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(document)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="content-retry",
@@ -34,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "init", help="create the tables and indexes that are missing (never drops or alters data)"
     )
     init.set_defaults(run=_db_init)
+
+    openapi = commands.add_parser(
+        "openapi", help="print the HTTP API's OpenAPI document (generated from the code)"
+    )
+    openapi.add_argument("--output", "-o", help="write it to this file (docs/openapi.json)")
+    openapi.set_defaults(run=_openapi)
     return parser
 
 

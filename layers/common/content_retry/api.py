@@ -1,0 +1,281 @@
+"""The HTTP API of the detect function (DESIGN §6), on Powertools' REST resolver.
+
+Routes validate their input with pydantic models (which also generate the
+OpenAPI document), take the caller from the API Gateway authorizer, and call
+one function of :mod:`content_retry.retries`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.params import Body, Path
+from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict, Field
+
+from content_retry import __version__
+from content_retry.content_types import ContentType, UnknownContentTypeError
+from content_retry.messages import Preferences
+from content_retry.observability import logger
+from content_retry.plan import RoadmapNotFoundError
+from content_retry.retries import Dependencies, start_retry, task_for_owner
+
+# API Gateway accepts up to 10 MB; a retry request is a few hundred bytes.
+MAX_BODY_BYTES = 16 * 1024
+
+RoadmapId = Annotated[str, Path(min_length=1, max_length=512, description="The roadmap's id")]
+TaskId = Annotated[str, Path(min_length=1, max_length=64, description="A task id from a 202")]
+
+
+class RetryRequest(BaseModel):
+    """Body of ``POST /roadmaps/{roadmap_id}/retry``; every field is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content_types: Annotated[
+        list[ContentType] | None,
+        Field(min_length=1, max_length=10, description="Default: every content type"),
+    ] = None
+    preferences: Preferences | None = None
+
+
+class RetryResponse(BaseModel):
+    success: bool
+    task_id: str | None
+    retried_count: Annotated[int, Field(description="Items (concept x content type) queued")]
+    items: dict[str, int]
+    reasons: dict[str, int]
+    message: str
+
+
+class TaskCounts(BaseModel):
+    queued: int
+    succeeded: int
+    failed: int
+    dead_lettered: int
+
+
+class TaskItem(BaseModel):
+    concept_id: str
+    content_type: str
+    reason: str
+    status: str
+    attempts: int
+    last_error: str | None
+
+
+class TaskResponse(BaseModel):
+    task_id: str
+    roadmap_id: str
+    status: str
+    counts: TaskCounts
+    items: list[TaskItem]
+
+
+class ErrorResponse(BaseModel):
+    success: bool = False
+    message: str
+    errors: list[str] = Field(default_factory=list)
+
+
+def _error(status: int, message: str, errors: list[str] | None = None) -> Response[ErrorResponse]:
+    return Response(
+        status_code=status,
+        content_type="application/json",
+        body=ErrorResponse(message=message, errors=errors or []),
+    )
+
+
+def _json(status: int, body: BaseModel) -> Response[Any]:
+    return Response(status_code=status, content_type="application/json", body=body)
+
+
+_ERRORS: dict[int, OpenAPIResponse] = {
+    401: {
+        "description": "No caller identity",
+        "content": {"application/json": {"model": ErrorResponse}},
+    },
+    404: {
+        "description": "Unknown, or not the caller's (never told apart)",
+        "content": {"application/json": {"model": ErrorResponse}},
+    },
+}
+
+app = APIGatewayRestResolver(enable_validation=True)
+app.configure_openapi(
+    title="content-retry",
+    version=__version__,
+    description="Retry the learning content a roadmap platform failed to generate or save.",
+)
+
+
+@app.exception_handler(RequestValidationError)
+def _invalid_request(exc: RequestValidationError) -> Response[ErrorResponse]:
+    errors = exc.errors()
+    if any(error.get("type") == "json_invalid" for error in errors):
+        return _error(400, "the request body is not valid JSON")
+    details = [
+        f"{'.'.join(str(part) for part in error.get('loc', ()) if part != 'body') or 'body'}: "
+        f"{error.get('msg', 'invalid')}"
+        for error in errors
+    ]
+    return _error(422, "the request is not valid: " + "; ".join(details), details)
+
+
+@app.exception_handler(UnknownContentTypeError)
+def _unknown_content_type(exc: UnknownContentTypeError) -> Response[ErrorResponse]:
+    return _error(422, str(exc), [str(exc)])
+
+
+class TaskNotFoundError(LookupError):
+    """No such task, or not the caller's (the two are not told apart)."""
+
+
+@app.exception_handler(TaskNotFoundError)
+def _task_not_found(exc: TaskNotFoundError) -> Response[ErrorResponse]:
+    return _error(404, "task not found")
+
+
+@app.exception_handler(RoadmapNotFoundError)
+def _roadmap_not_found(exc: RoadmapNotFoundError) -> Response[ErrorResponse]:
+    return _error(404, "roadmap not found")
+
+
+def caller_identity(event: dict[str, Any]) -> str | None:
+    """The signed-in caller: Cognito's ``claims.sub``, else the authorizer's ``principalId``.
+
+    Only the authorizer API Gateway ran is trusted; nothing in the request's
+    headers or body can name the caller.
+    """
+    authorizer = (event.get("requestContext") or {}).get("authorizer") or {}
+    if not isinstance(authorizer, dict):
+        return None
+    claims = authorizer.get("claims") or {}
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    identity = subject or authorizer.get("principalId")
+    return identity if isinstance(identity, str) and identity else None
+
+
+def _caller() -> str:
+    identity = caller_identity(app.current_event.raw_event)
+    # handle_api_event answered 401 before routing when there is none
+    assert identity is not None
+    return identity
+
+
+def _deps() -> Dependencies:
+    deps: Dependencies = app.context["deps"]
+    return deps
+
+
+@app.post(
+    "/roadmaps/<roadmap_id>/retry",
+    summary="Retry what is missing, failed or stale in a roadmap",
+    responses={
+        202: {
+            "description": "Retry queued",
+            "content": {"application/json": {"model": RetryResponse}},
+        },
+        200: {
+            "description": "Nothing needs retry (or it is already queued)",
+            "content": {"application/json": {"model": RetryResponse}},
+        },
+        400: {
+            "description": "Body is not JSON",
+            "content": {"application/json": {"model": ErrorResponse}},
+        },
+        422: {
+            "description": "Invalid body",
+            "content": {"application/json": {"model": ErrorResponse}},
+        },
+        503: {
+            "description": "The queue refused every message; nothing was queued",
+            "content": {"application/json": {"model": RetryResponse}},
+        },
+        **_ERRORS,
+    },
+)
+def request_retry(
+    roadmap_id: RoadmapId, body: Annotated[RetryRequest | None, Body()] = None
+) -> Response[RetryResponse]:
+    request = body or RetryRequest()
+    outcome = start_retry(
+        _deps(),
+        roadmap_id,
+        content_types=[item.value for item in request.content_types]
+        if request.content_types
+        else None,
+        preferences=request.preferences,
+        owner=_caller(),
+        trigger="api",
+    )
+    if outcome.task_id is None:
+        status = 200
+    elif outcome.retried_count == 0:
+        status = 503
+    else:
+        status = 202
+    return _json(status, RetryResponse.model_validate(outcome.as_response()))
+
+
+@app.get(
+    "/retry-tasks/<task_id>",
+    summary="A retry task's progress, item by item",
+    responses={
+        200: {"description": "The task", "content": {"application/json": {"model": TaskResponse}}},
+        **_ERRORS,
+    },
+)
+def get_retry_task(task_id: TaskId) -> Response[TaskResponse]:
+    task = task_for_owner(_deps().engine, task_id, _caller())
+    if task is None:
+        raise TaskNotFoundError(task_id)
+    return _json(
+        200,
+        TaskResponse(
+            task_id=task.task_id,
+            roadmap_id=task.roadmap_id,
+            status=task.status,
+            counts=TaskCounts(**task.counts()),
+            items=[TaskItem(**vars(item)) for item in task.items],
+        ),
+    )
+
+
+def handle_api_event(
+    event: dict[str, Any], context: LambdaContext | None, deps: Dependencies
+) -> dict[str, Any]:
+    """Answer one API Gateway REST proxy event.
+
+    The caller and the body size are checked before routing, so a request
+    without identity gets 401 whatever else is wrong with it.
+    """
+    if caller_identity(event) is None:
+        return _raw(401, ErrorResponse(message="no caller identity: sign in"))
+    body = event.get("body") or ""
+    if len(body.encode() if isinstance(body, str) else body) > MAX_BODY_BYTES:
+        return _raw(413, ErrorResponse(message=f"the request body exceeds {MAX_BODY_BYTES} bytes"))
+    app.append_context(deps=deps)
+    try:
+        return app.resolve(event, context)  # type: ignore[arg-type]
+    finally:
+        app.clear_context()
+
+
+def _raw(status: int, body: ErrorResponse) -> dict[str, Any]:
+    logger.info("api_request_refused", extra={"status": status, "reason": body.message})
+    return {
+        "statusCode": status,
+        "headers": {"Content-Type": "application/json"},
+        "body": body.model_dump_json(),
+        "isBase64Encoded": False,
+    }
+
+
+def openapi_document() -> str:
+    """The OpenAPI document of the routes above, as written to docs/openapi.json."""
+    return json.dumps(json.loads(app.get_openapi_json_schema()), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,109 @@
+"""The detect function's events: API request, schedule, or direct invoke (DESIGN §6)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from content_retry.content_types import ContentType
+from content_retry.messages import Preferences
+from content_retry.retries import Dependencies, start_retry, sweep
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class InvalidEventError(ValueError):
+    """The event is none of the kinds the detect function accepts."""
+
+
+class DirectInvoke(BaseModel):
+    """``{"roadmap_id": …, "content_types": [...], "preferences": {...}}``; trusted (IAM)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roadmap_id: Annotated[str, Field(min_length=1, max_length=512)]
+    content_types: Annotated[list[ContentType] | None, Field(min_length=1)] = None
+    preferences: Preferences | None = None
+
+
+class SweepInput(BaseModel):
+    """EventBridge Scheduler's input for the sweep."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["sweep"]
+
+
+def default_dependencies() -> Dependencies:
+    """The process's engine, SQS client and settings, created on first use."""
+    from content_retry.aws import client
+    from content_retry.database import get_engine
+    from content_retry.settings import get_settings
+
+    return Dependencies(engine=get_engine(), sqs=client("sqs"), settings=get_settings())
+
+
+def event_kind(event: Any) -> Literal["api", "schedule", "direct"]:
+    """Which of the accepted kinds an event is.
+
+    Raises:
+        InvalidEventError: it is none of them; the message says what is accepted.
+    """
+    if isinstance(event, dict):
+        if "httpMethod" in event and "requestContext" in event:
+            return "api"
+        if event.get("action") is not None or event.get("detail-type") == "Scheduled Event":
+            return "schedule"
+        if "roadmap_id" in event:
+            return "direct"
+    raise InvalidEventError(
+        "unrecognised event; the detect function accepts an API Gateway REST proxy event, "
+        'a schedule event ({"action": "sweep"} or "detail-type": "Scheduled Event"), '
+        'or a direct invoke {"roadmap_id": "...", "content_types": [...], "preferences": {...}}'
+    )
+
+
+def handle_detect_event(
+    event: Any, context: LambdaContext | None, deps: Dependencies | None = None
+) -> dict[str, Any]:
+    """Route one event to the API, the sweep, or a direct retry; return the response.
+
+    Raises:
+        InvalidEventError: the event is not one the function accepts, or a
+            direct invoke / schedule input is invalid (the message says how).
+        RoadmapNotFoundError: a direct invoke names an unknown roadmap.
+    """
+    kind = event_kind(event)
+    deps = deps or default_dependencies()
+    if kind == "api":
+        from content_retry.api import handle_api_event
+
+        return handle_api_event(event, context, deps)
+    if kind == "schedule":
+        if event.get("detail-type") != "Scheduled Event":
+            _parse(SweepInput, event)
+        return sweep(deps).as_response()
+    request = _parse(DirectInvoke, event)
+    outcome = start_retry(
+        deps,
+        request.roadmap_id,
+        content_types=[item.value for item in request.content_types]
+        if request.content_types
+        else None,
+        preferences=request.preferences,
+        trigger="invoke",
+    )
+    return outcome.as_response()
+
+
+def _parse(model: type[ModelT], event: dict[str, Any]) -> ModelT:
+    try:
+        return model.model_validate(event)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'event'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise InvalidEventError(f"invalid {model.__name__} event: {problems}") from exc

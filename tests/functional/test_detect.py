@@ -1,0 +1,509 @@
+"""The detect function through its handler: API, schedule and direct invoke.
+
+Real PostgreSQL, moto's SQS with the queues of template.yaml, the event JSON
+of events/ (the files `sam local invoke -e` takes).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from content_retry.detect import InvalidEventError, default_dependencies
+from content_retry.local.seed import (
+    SEED_ROADMAP_ID,
+    ConceptSeed,
+    insert_content_row,
+    insert_roadmap,
+    seed_scenario,
+    single_module_framework,
+)
+from content_retry.messages import RetryMessage
+from content_retry.plan import RoadmapNotFoundError
+from content_retry.retries import start_retry
+from functions.detect.app import lambda_handler
+from tests.conftest import FakeLambdaContext, Queues
+
+EventLoader = Any
+
+
+def as_user(event: dict[str, Any], user: str | None) -> dict[str, Any]:
+    event = copy.deepcopy(event)
+    if user is None:
+        event["requestContext"].pop("authorizer", None)
+    else:
+        event["requestContext"]["authorizer"] = {"claims": {"sub": user}}
+    return event
+
+
+def with_body(event: dict[str, Any], body: str | None) -> dict[str, Any]:
+    event = copy.deepcopy(event)
+    event["body"] = body
+    return event
+
+
+def task_event(load_event: EventLoader, task_id: str) -> dict[str, Any]:
+    event = load_event("api-task-status.json")
+    event["path"] = f"/retry-tasks/{task_id}"
+    event["pathParameters"] = {"task_id": task_id}
+    return event
+
+
+def respond(event: dict[str, Any], context: FakeLambdaContext) -> tuple[int, dict[str, Any]]:
+    response = lambda_handler(event, context)
+    return response["statusCode"], json.loads(response["body"])
+
+
+def count_rows(engine: Engine, table: str) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def test_seed_scenario_through_the_api_queues_21_self_contained_messages(
+    session: Session,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # GIVEN the seed's roadmap: 21 tutorials lost, none marked failed
+    seed_scenario(session)
+    session.commit()
+
+    # WHEN its owner asks for a retry through API Gateway
+    status, body = respond(load_event("api-retry.json"), lambda_context)
+
+    # THEN 21 items are queued as 21 messages, one per concept
+    assert status == 202
+    assert body["success"] is True
+    assert body["retried_count"] == 21
+    assert body["items"] == {"tutorial": 21}
+    assert body["reasons"] == {"missing": 11, "failed": 0, "stale": 10}
+    messages = [RetryMessage.model_validate_json(m["Body"]) for m in queues.receive_all()]
+    assert len(messages) == 21
+    assert {str(m.task_id) for m in messages} == {body["task_id"]}
+    for message in messages:
+        # each carries everything the worker needs: the concept's whole context
+        assert message.roadmap_id == SEED_ROADMAP_ID
+        assert message.user_id == "u-42"
+        assert message.concept.name and message.concept.description
+        assert message.concept.stage and message.concept.module
+        assert [item.content_type.value for item in message.items] == ["tutorial"]
+        assert message.generated is None
+    # and the plan was logged as an event with its counts
+    plan_built = next(record for record in caplog.records if record.msg == "retry_plan_built")
+    assert (plan_built.missing_count, plan_built.stale_count, plan_built.planned_count) == (
+        11,
+        10,
+        21,
+    )
+
+
+def test_task_status_lists_counts_and_items(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    seed_scenario(session)
+    session.commit()
+    _, created = respond(load_event("api-retry.json"), lambda_context)
+
+    status, body = respond(task_event(load_event, created["task_id"]), lambda_context)
+
+    assert status == 200
+    assert body["task_id"] == created["task_id"]
+    assert body["roadmap_id"] == SEED_ROADMAP_ID
+    assert body["status"] == "queued"
+    assert body["counts"] == {"queued": 21, "succeeded": 0, "failed": 0, "dead_lettered": 0}
+    assert len(body["items"]) == 21
+    assert set(body["items"][0]) == {
+        "concept_id",
+        "content_type",
+        "reason",
+        "status",
+        "attempts",
+        "last_error",
+    }
+
+
+def test_another_users_roadmap_and_task_are_not_found(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    seed_scenario(session)
+    session.commit()
+    _, created = respond(load_event("api-retry.json"), lambda_context)
+    tasks_before = count_rows(queues_engine(session), "retry_tasks")
+
+    # WHEN another signed-in user asks for the roadmap's retry and the task's status
+    post_status, post_body = respond(as_user(load_event("api-retry.json"), "u-7"), lambda_context)
+    get_status, get_body = respond(
+        as_user(task_event(load_event, created["task_id"]), "u-7"), lambda_context
+    )
+    # ... and for a roadmap and a task that do not exist at all
+    unknown = load_event("api-retry.json")
+    unknown["pathParameters"] = {"roadmap_id": "no-such-roadmap"}
+    unknown["path"] = "/roadmaps/no-such-roadmap/retry"
+    unknown_status, unknown_body = respond(unknown, lambda_context)
+    missing_task, _ = respond(
+        task_event(load_event, "6f1c7f0e-0000-4000-8000-000000000000"), lambda_context
+    )
+
+    # THEN both are 404, worded alike, so existence is never revealed; nothing was written
+    assert (post_status, get_status, unknown_status, missing_task) == (404, 404, 404, 404), (
+        post_body,
+        get_body,
+        unknown_body,
+    )
+    assert post_body == unknown_body
+    assert count_rows(queues_engine(session), "retry_tasks") == tasks_before
+
+
+def queues_engine(session: Session) -> Engine:
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    return engine
+
+
+@pytest.mark.parametrize("event_name", ["api-retry.json", "api-task-status.json"])
+def test_no_identity_is_401(
+    queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext, event_name: str
+) -> None:
+    status, body = respond(as_user(load_event(event_name), None), lambda_context)
+
+    assert status == 401
+    assert "identity" in body["message"]
+
+
+def test_identity_from_a_lambda_authorizer_principal(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    seed_scenario(session)
+    session.commit()
+    event = load_event("api-retry.json")
+    event["requestContext"]["authorizer"] = {"principalId": "u-42"}
+
+    status, body = respond(event, lambda_context)
+
+    assert (status, body["retried_count"]) == (202, 21)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ('{"content_types": ["video"]}', 422, "'tutorial', 'resources' or 'quiz'"),
+        ('{"content_types": []}', 422, "content_types"),
+        ('{"content_types": ["tutorial"], "priority": 1}', 422, "priority"),
+        ('{"preferences": {"level": "expert"}}', 422, "'beginner', 'intermediate' or 'advanced'"),
+        ("[1, 2]", 422, "object"),
+        ("content_types=tutorial", 400, "not valid JSON"),
+        ('{"content_types": ["tutorial"', 400, "not valid JSON"),
+    ],
+)
+def test_bad_bodies_get_their_contract_answer_and_write_nothing(
+    session: Session,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    body: str,
+    status: int,
+    expected: str,
+) -> None:
+    seed_scenario(session)
+    session.commit()
+
+    answer, payload = respond(with_body(load_event("api-retry.json"), body), lambda_context)
+
+    assert answer == status
+    assert expected in payload["message"]
+    assert payload["success"] is False
+    assert count_rows(queues_engine(session), "retry_tasks") == 0
+    assert queues.depth() == 0
+
+
+def test_oversize_body_is_413(
+    queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    body = json.dumps({"content_types": ["tutorial"], "pad": "x" * 20_000})
+
+    status, payload = respond(with_body(load_event("api-retry.json"), body), lambda_context)
+
+    assert status == 413
+    assert "bytes" in payload["message"]
+
+
+def test_no_body_means_every_content_type(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    seed_scenario(session, other_failures=True)
+    session.commit()
+
+    status, body = respond(with_body(load_event("api-retry.json"), None), lambda_context)
+
+    assert status == 202
+    assert body["items"] == {"tutorial": 21, "resources": 2, "quiz": 3}
+    assert body["retried_count"] == 26
+    # messages count concepts (21 lost tutorials, plus c03 and c08 whose tutorials are fine)
+    assert len(queues.receive_all()) == 23
+
+
+def test_nothing_to_retry_is_200_with_no_task(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    concept = ConceptSeed("c1", "Done", "d", {"content_status": "completed"})
+    insert_roadmap(session, SEED_ROADMAP_ID, "u-42", single_module_framework([concept]))
+    insert_content_row(session, _tutorial(), SEED_ROADMAP_ID, "c1", "completed")
+    session.commit()
+
+    status, body = respond(load_event("api-retry.json"), lambda_context)
+
+    assert status == 200
+    assert (body["retried_count"], body["task_id"]) == (0, None)
+    assert queues.depth() == 0
+
+
+def _tutorial() -> Any:
+    from content_retry.content_types import ContentType
+
+    return ContentType.TUTORIAL
+
+
+def test_the_same_request_twice_enqueues_nothing_twice(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    seed_scenario(session)
+    session.commit()
+
+    first = respond(load_event("api-retry.json"), lambda_context)
+    second = respond(load_event("api-retry.json"), lambda_context)
+
+    assert (first[0], first[1]["retried_count"]) == (202, 21)
+    assert (second[0], second[1]["retried_count"], second[1]["task_id"]) == (200, 0, None)
+    assert queues.depth() == 21
+
+
+class FailingSqs:
+    """moto's SQS, except that SendMessageBatch fails the entries of chosen concepts."""
+
+    def __init__(self, sqs: Any, failing_concepts: set[str], *, crash: bool = False) -> None:
+        self._sqs = sqs
+        self.failing = failing_concepts
+        self.crash = crash
+        self.calls = 0
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:
+        self.calls += 1
+        if self.crash:
+            raise SystemExit("the function was stopped between commit and send")
+        failed = [
+            e
+            for e in Entries
+            if json.loads(e["MessageBody"])["concept"]["concept_id"] in self.failing
+        ]
+        ok = [e for e in Entries if e not in failed]
+        response = self._sqs.send_message_batch(QueueUrl=QueueUrl, Entries=ok) if ok else {}
+        return {
+            "Successful": response.get("Successful", []),
+            "Failed": [
+                {
+                    "Id": e["Id"],
+                    "SenderFault": False,
+                    "Code": "InternalError",
+                    "Message": "injected",
+                }
+                for e in failed
+            ],
+        }
+
+
+def test_a_send_failure_releases_the_claim_and_the_task_says_so(
+    session: Session, queues: Queues, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the seed, and a queue that keeps refusing two concepts' messages
+    seed_scenario(session)
+    session.commit()
+    deps = default_dependencies()
+    deps.sqs = FailingSqs(queues.sqs, {"c11", "c12"})
+    monkeypatch.setattr("content_retry.queue.time.sleep", lambda seconds: None)
+
+    # WHEN the retry is started
+    outcome = start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
+
+    # THEN 19 were queued, the two refused ones were retried, then released
+    assert outcome.retried_count == 19
+    assert outcome.unsent_count == 2
+    assert "could not be queued" in outcome.message
+    assert queues.depth() == 19
+    with Session(deps.engine) as check:
+        items = dict(
+            check.execute(
+                text(
+                    "SELECT concept_id, status FROM retry_items WHERE concept_id IN ('c11', 'c12')"
+                )
+            ).all()
+        )
+        task_error = check.execute(text("SELECT last_error FROM retry_tasks")).scalar_one()
+    assert items == {"c11": "failed", "c12": "failed"}
+    assert "2 message(s) could not be sent" in task_error
+    # AND the next request plans exactly those two again
+    deps.sqs = queues.sqs
+    again = start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
+    assert again.retried_count == 2
+
+
+def test_a_crash_between_commit_and_send_loses_nothing(session: Session, queues: Queues) -> None:
+    # GIVEN a detect run that dies after committing its claims, before sending
+    seed_scenario(session)
+    session.commit()
+    deps = default_dependencies()
+    deps.sqs = FailingSqs(queues.sqs, set(), crash=True)
+    with pytest.raises(SystemExit):
+        start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
+    assert queues.depth() == 0
+
+    # WHEN another request comes while the claims are live, nothing is planned twice...
+    deps.sqs = queues.sqs
+    assert (
+        start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api").retried_count
+        == 0
+    )
+
+    # ...and once the lease has passed, the next request plans all 21 again
+    with Session(deps.engine) as age, age.begin():
+        age.execute(text("UPDATE retry_items SET claimed_at = claimed_at - interval '61 minutes'"))
+    again = start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
+    assert again.retried_count == 21
+    assert queues.depth() == 21
+
+
+def test_direct_invoke_returns_the_api_body(
+    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+) -> None:
+    seed_scenario(session, other_failures=True)
+    session.commit()
+
+    body = lambda_handler(load_event("direct-invoke.json"), lambda_context)
+
+    assert body["success"] is True
+    assert body["retried_count"] == 26
+    assert body["items"] == {"tutorial": 21, "resources": 2, "quiz": 3}
+
+
+def test_direct_invoke_of_an_unknown_roadmap_raises(
+    queues: Queues, lambda_context: FakeLambdaContext
+) -> None:
+    with pytest.raises(RoadmapNotFoundError):
+        lambda_handler({"roadmap_id": "nope"}, lambda_context)
+
+
+@pytest.mark.parametrize(
+    ("event", "named"),
+    [
+        ({"roadmap_id": "r", "content_types": ["video"]}, "content_types"),
+        ({"roadmap_id": "r", "force": True}, "force"),
+        ({"action": "purge"}, "action"),
+        ({"hello": "world"}, "accepts an API Gateway REST proxy event"),
+        ([1, 2], "accepts"),
+    ],
+)
+def test_invalid_events_are_refused_with_what_is_accepted(
+    queues: Queues, lambda_context: FakeLambdaContext, event: Any, named: str
+) -> None:
+    with pytest.raises(InvalidEventError, match=named):
+        lambda_handler(event, lambda_context)
+
+
+def _seed_sweep_roadmaps(session: Session, *, total: int, needing_work: int, young: int) -> None:
+    """``total`` one-concept roadmaps, a day old: ``needing_work`` of them lack a
+    tutorial; ``young`` more lack one but were updated a minute ago."""
+    complete = {
+        "content_status": "completed",
+        "resources_status": "completed",
+        "quiz_status": "completed",
+    }
+    lost = {**complete, "content_status": None}
+    session.execute(
+        text(
+            "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data, updated_at) "
+            "SELECT 'r' || n, 'u-' || n, jsonb_build_object('stages', jsonb_build_array("
+            "  jsonb_build_object('name', 'S', 'modules', jsonb_build_array(jsonb_build_object("
+            "    'name', 'M', 'concepts', jsonb_build_array("
+            "      jsonb_build_object('concept_id', 'c1', 'name', 'C') || "
+            "      CASE WHEN n <= :lost THEN CAST(:lost_status AS jsonb) "
+            "           ELSE CAST(:complete_status AS jsonb) END)))))), "
+            "  now() - CASE WHEN n > :needing AND n <= :lost THEN interval '1 minute' "
+            "               ELSE interval '1 day' END "
+            "FROM generate_series(1, :total) AS n"
+        ),
+        {
+            "total": total,
+            "needing": needing_work,
+            "lost": needing_work + young,
+            "lost_status": json.dumps(lost),
+            "complete_status": json.dumps(complete),
+        },
+    )
+    for table in ("tutorials", "resource_recommendations", "quizzes"):
+        session.execute(
+            text(
+                f"INSERT INTO {table} (roadmap_id, concept_id, content_status) "
+                "SELECT 'r' || n, 'c1', 'completed' FROM generate_series(1, :total) AS n "
+                f"WHERE n > :lost OR '{table}' <> 'tutorials'"
+            ),
+            {"total": total, "lost": needing_work + young},
+        )
+    session.commit()
+
+
+def test_sweep_plans_what_needs_work_within_its_bound_and_grace(
+    session: Session,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    env: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN 1,000 roadmaps: 10 lost a tutorial a day ago, 3 lost one a minute
+    # ago (the platform may still be working on them), the rest are complete
+    _seed_sweep_roadmaps(session, total=1000, needing_work=10, young=3)
+    env.setenv("SWEEP_MAX_ROADMAPS", "4")
+
+    # WHEN the schedule fires four times (Scheduler input, then classic events)
+    runs = [
+        lambda_handler(load_event("schedule-sweep.json"), lambda_context),
+        lambda_handler(load_event("scheduled-event-classic.json"), lambda_context),
+        lambda_handler(load_event("schedule-sweep.json"), lambda_context),
+        lambda_handler(load_event("schedule-sweep.json"), lambda_context),
+    ]
+
+    # THEN each run took at most 4, until the 10 old ones were all planned; the young waited
+    assert [run["roadmaps_planned"] for run in runs] == [4, 4, 2, 0]
+    assert sum(run["retried_count"] for run in runs) == 10
+    planned = {m["Body"] and json.loads(m["Body"])["roadmap_id"] for m in queues.receive_all()}
+    assert planned == {f"r{n}" for n in range(1, 11)}
+
+
+def test_sweep_finds_its_candidates_through_the_partial_index(session: Session) -> None:
+    _seed_sweep_roadmaps(session, total=1000, needing_work=10, young=0)
+    session.execute(text("ANALYZE roadmap_metadata"))
+    from content_retry.retries import _SWEEP_CANDIDATES
+
+    plan = "\n".join(
+        session.execute(
+            text(f"EXPLAIN {_SWEEP_CANDIDATES.text}"),
+            {"grace_minutes": 30, "lease_minutes": 60, "limit": 50},
+        ).scalars()
+    )
+
+    assert "roadmap_metadata_sweep_candidates" in plan, plan
+    assert "Seq Scan on roadmap_metadata" not in plan, plan
+
+
+def test_openapi_document_in_the_repo_is_current() -> None:
+    from content_retry.api import openapi_document
+    from tests.conftest import REPO_ROOT
+
+    committed = (REPO_ROOT / "docs" / "openapi.json").read_text()
+
+    assert committed == openapi_document(), "run: content-retry openapi > docs/openapi.json"
