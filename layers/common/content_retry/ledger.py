@@ -2,25 +2,30 @@
 
 Every function takes the caller's session and never commits: the unit of work
 that calls it owns the transaction. Each is one SQL statement.
+
+A task's status is derived from its items when read, never stored, so the
+workers that finish a task's last items at the same moment cannot race to
+maintain it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from content_retry.content_types import STORAGE, ContentType
 from content_retry.plan.models import RetryPlan
 
 # Longest error text kept on an item or task; the full error goes to the logs.
 ERROR_TEXT_LIMIT = 2_000
 
 
-def _clip(error: str) -> str:
+def clip_error(error: str) -> str:
     return error if len(error) <= ERROR_TEXT_LIMIT else error[: ERROR_TEXT_LIMIT - 1] + "…"
 
 
@@ -32,10 +37,10 @@ def create_task(
     The claims are ledger rows in status ``queued``: from the commit on, the
     judge leaves these items out until they end or the claim lease expires.
     """
-    task_id: str = session.execute(
+    task_id = session.execute(
         text(
-            "INSERT INTO retry_tasks (roadmap_id, user_id, trigger, preferences, planned_count) "
-            "VALUES (:roadmap_id, :user_id, :trigger, CAST(:preferences AS jsonb), :planned) "
+            "INSERT INTO retry_tasks (roadmap_id, user_id, trigger, preferences) "
+            "VALUES (:roadmap_id, :user_id, :trigger, CAST(:preferences AS jsonb)) "
             "RETURNING task_id"
         ),
         {
@@ -43,7 +48,6 @@ def create_task(
             "user_id": plan.user_id,
             "trigger": trigger,
             "preferences": json.dumps(preferences),
-            "planned": plan.item_count,
         },
     ).scalar_one()
     items = plan.items
@@ -78,48 +82,130 @@ def release_unsent(session: Session, task_id: str, concept_ids: Iterable[str], e
         return 0
     released: int = session.execute(
         text(
-            f"WITH {_LOCK_TASK} UPDATE retry_items "  # noqa: S608 - constant fragment
-            "SET status = 'failed', last_error = :error, updated_at = now() "
-            "WHERE task_id = :task_id AND concept_id = ANY(CAST(:concept_ids AS text[])) "
-            "AND status = 'queued' AND EXISTS (SELECT 1 FROM task)"
+            "WITH released AS ("
+            "  UPDATE retry_items SET status = 'failed', last_error = :error, updated_at = now() "
+            "  WHERE task_id = :task_id AND concept_id = ANY(CAST(:concept_ids AS text[])) "
+            "    AND status = 'queued' RETURNING 1) "
+            "UPDATE retry_tasks SET last_error = :task_error, updated_at = now() "
+            "WHERE task_id = :task_id RETURNING (SELECT count(*) FROM released)"
         ),
-        {"task_id": task_id, "concept_ids": ids, "error": _clip(f"message not sent: {error}")},
-    ).rowcount  # type: ignore[attr-defined]
-    session.execute(
-        text("UPDATE retry_tasks SET last_error = :error WHERE task_id = :task_id"),
-        {"task_id": task_id, "error": _clip(f"{len(ids)} message(s) could not be sent: {error}")},
-    )
-    refresh_task_status(session, task_id)
+        {
+            "task_id": task_id,
+            "concept_ids": ids,
+            "error": clip_error(f"message not sent: {error}"),
+            "task_error": clip_error(f"{len(ids)} message(s) could not be sent: {error}"),
+        },
+    ).scalar_one()
     return released
 
 
-# Taken by every statement that changes a task's items, before the task's
-# status is recomputed: writers of one task's items then run one after the
-# other, and each recomputation (a new statement, so a new snapshot) sees every
-# item the others changed. Without it two workers finishing a task's last two
-# items at once would each see the other's item still running.
-_LOCK_TASK = "task AS (SELECT 1 FROM retry_tasks WHERE task_id = :task_id FOR UPDATE)"
+@dataclass(frozen=True)
+class ItemKey:
+    """The deduplication key of an item: never the SQS message id."""
+
+    task_id: str
+    concept_id: str
+    content_type: ContentType
 
 
-def refresh_task_status(session: Session, task_id: str) -> None:
-    """Derive a task's status from its items; call after changing them.
+# Per content type: does a completed latest row newer than the task exist?
+_COMPLETED_SINCE_TASK = " ".join(
+    f"WHEN '{content_type.value}' THEN EXISTS (SELECT 1 FROM {STORAGE[content_type].table} AS c "  # noqa: S608
+    "WHERE c.roadmap_id = i.roadmap_id AND c.concept_id = i.concept_id AND c.is_latest "
+    "AND c.content_status = 'completed' AND c.created_at > t.created_at)"
+    for content_type in ContentType
+)
 
-    queued: no item started; running: some started, some still open;
-    completed: every item succeeded; completed_with_failures: all ended, some not well.
+_START_ITEMS = text(
+    f"""
+WITH current AS (
+  SELECT i.task_id, i.concept_id, i.content_type, i.status,
+         CASE i.content_type {_COMPLETED_SINCE_TASK} ELSE false END AS completed_since_task
+  FROM retry_items AS i
+  JOIN retry_tasks AS t ON t.task_id = i.task_id
+  JOIN unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]),
+              CAST(:content_types AS text[])) AS w(task_id, concept_id, content_type)
+    ON (w.task_id, w.concept_id, w.content_type) = (i.task_id, i.concept_id, i.content_type)
+  FOR UPDATE OF i
+),
+updated AS (
+  UPDATE retry_items AS i SET
+    status = CASE WHEN c.completed_since_task THEN 'succeeded' ELSE 'running' END,
+    attempts = i.attempts + CASE WHEN c.completed_since_task THEN 0 ELSE 1 END,
+    claimed_at = now(), updated_at = now()
+  FROM current AS c
+  WHERE (i.task_id, i.concept_id, i.content_type) = (c.task_id, c.concept_id, c.content_type)
+    AND c.status <> 'succeeded'
+  RETURNING i.task_id, i.concept_id, i.content_type, i.attempts
+)
+SELECT c.task_id, c.concept_id, c.content_type, c.status, c.completed_since_task,
+       coalesce(u.attempts, 0) AS attempts
+FROM current AS c LEFT JOIN updated AS u USING (task_id, concept_id, content_type)
+"""  # noqa: S608 - table names come from STORAGE; values are bound
+)
+
+
+@dataclass(frozen=True)
+class StartedItem:
+    key: ItemKey
+    # None when the ledger has no such item (a message the pipeline did not plan).
+    status_before: str | None
+    attempts: int
+    # The platform (or another task) saved completed content since this task began.
+    completed_since_task: bool
+
+    @property
+    def already_done(self) -> bool:
+        return self.status_before == "succeeded" or self.completed_since_task
+
+
+def start_items(session: Session, keys: Sequence[ItemKey]) -> dict[ItemKey, StartedItem]:
+    """Mark a batch's items running, in one statement, before any LLM call.
+
+    Counts an attempt, renews the claim (so a long queue wait does not let the
+    judge plan the item twice), and reports items that need no generation:
+    already saved for this task, or completed by someone else since the task
+    began (deduplication, not judging). Those are marked succeeded.
     """
+    if not keys:
+        return {}
+    rows = session.execute(
+        _START_ITEMS,
+        {
+            "task_ids": [key.task_id for key in keys],
+            "concept_ids": [key.concept_id for key in keys],
+            "content_types": [key.content_type.value for key in keys],
+        },
+    ).all()
+    found: dict[ItemKey, StartedItem] = {}
+    for row in rows:
+        key = ItemKey(str(row.task_id), row.concept_id, ContentType(row.content_type))
+        found[key] = StartedItem(
+            key=key,
+            status_before=row.status,
+            attempts=row.attempts,
+            completed_since_task=bool(row.completed_since_task) and row.status != "succeeded",
+        )
+    return {
+        key: found.get(key, StartedItem(key, None, 0, completed_since_task=False)) for key in keys
+    }
+
+
+def record_item_outcome(session: Session, key: ItemKey, *, status: str, error: str | None) -> None:
+    """Set one item's status and last error (failed, dead_lettered, or still running)."""
     session.execute(
         text(
-            "UPDATE retry_tasks AS t SET status = derived.status, updated_at = now() "
-            "FROM (SELECT CASE "
-            "  WHEN bool_and(status = 'queued') THEN 'queued' "
-            "  WHEN bool_or(status IN ('queued', 'running')) THEN 'running' "
-            "  WHEN bool_and(status = 'succeeded') THEN 'completed' "
-            "  ELSE 'completed_with_failures' END AS status "
-            "  FROM retry_items WHERE task_id = :task_id) AS derived "
-            "WHERE t.task_id = :task_id AND derived.status IS NOT NULL "
-            "AND t.status <> derived.status"
+            "UPDATE retry_items SET status = :status, last_error = :error, updated_at = now() "
+            "WHERE task_id = CAST(:task_id AS uuid) AND concept_id = :concept_id "
+            "AND content_type = :content_type AND status <> 'succeeded'"
         ),
-        {"task_id": task_id},
+        {
+            "status": status,
+            "error": clip_error(error) if error else None,
+            "task_id": key.task_id,
+            "concept_id": key.concept_id,
+            "content_type": key.content_type.value,
+        },
     )
 
 
@@ -138,8 +224,8 @@ class TaskStatus:
     task_id: str
     roadmap_id: str
     user_id: str
-    status: str
     items: list[ItemStatus]
+    last_error: str | None = None
 
     def counts(self) -> dict[str, int]:
         """Items by state: queued (includes running), succeeded, failed, dead_lettered."""
@@ -148,13 +234,24 @@ class TaskStatus:
             counts["queued" if item.status == "running" else item.status] += 1
         return counts
 
+    @property
+    def status(self) -> str:
+        """queued: nothing started; running: some started, some open;
+        completed: every item succeeded; completed_with_failures: all ended, not all well."""
+        statuses = {item.status for item in self.items}
+        if not statuses or statuses == {"queued"}:
+            return "queued"
+        if statuses & {"queued", "running"}:
+            return "running"
+        return "completed" if statuses == {"succeeded"} else "completed_with_failures"
+
 
 def task_status(session: Session, task_id: str) -> TaskStatus | None:
     """A task with all its items, or None when there is no such task."""
     rows = session.execute(
         text(
-            "SELECT t.task_id, t.roadmap_id, t.user_id, t.status, i.concept_id, i.content_type, "
-            "i.reason, i.status AS item_status, i.attempts, i.last_error "
+            "SELECT t.task_id, t.roadmap_id, t.user_id, t.last_error AS task_error, i.concept_id, "
+            "i.content_type, i.reason, i.status, i.attempts, i.last_error "
             "FROM retry_tasks AS t LEFT JOIN retry_items AS i ON i.task_id = t.task_id "
             "WHERE t.task_id = CAST(:task_id AS uuid) "
             "ORDER BY i.concept_id, array_position(ARRAY['tutorial', 'resources', 'quiz'], "
@@ -169,13 +266,13 @@ def task_status(session: Session, task_id: str) -> TaskStatus | None:
         task_id=str(first.task_id),
         roadmap_id=first.roadmap_id,
         user_id=first.user_id,
-        status=first.status,
+        last_error=first.task_error,
         items=[
             ItemStatus(
                 concept_id=row.concept_id,
                 content_type=row.content_type,
                 reason=row.reason,
-                status=row.item_status,
+                status=row.status,
                 attempts=row.attempts,
                 last_error=row.last_error,
             )

@@ -56,6 +56,12 @@ class Settings(BaseModel):
         default=60, alias="CLAIM_LEASE_MINUTES"
     )
 
+    # The most one LLM call may take, botocore's retries included: the generate
+    # function starts no call with less time than this left in the invocation.
+    llm_call_budget_seconds: Annotated[int, Field(ge=1, le=900)] = Field(
+        default=120, alias="LLM_CALL_BUDGET_SECONDS"
+    )
+
     aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
     aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
 

@@ -115,11 +115,6 @@ CONTENT_TABLES: dict[ContentType, Table] = {
     ContentType.QUIZ: quizzes,
 }
 
-TASK_STATUSES = ("queued", "running", "completed", "completed_with_failures")
-ITEM_STATUSES = ("queued", "running", "succeeded", "failed", "dead_lettered")
-# An item in one of these states holds a claim (while younger than the lease).
-CLAIMING_STATUSES = ("queued", "running")
-
 retry_tasks = Table(
     "retry_tasks",
     metadata,
@@ -134,16 +129,13 @@ retry_tasks = Table(
     ),
     Column("user_id", Text, nullable=False),
     Column("trigger", Text, nullable=False),
-    Column("status", Text, nullable=False, server_default=text("'queued'")),
     Column("preferences", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
-    Column("planned_count", Integer, nullable=False, server_default=text("0")),
+    # A task's status is not stored: it is derived from its items when read
+    # (ledger.task_status), so concurrent workers never race to maintain it.
     Column("last_error", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
-    CheckConstraint(
-        "status IN ('queued', 'running', 'completed', 'completed_with_failures')",
-        name="retry_tasks_status_known",
-    ),
+    CheckConstraint("trigger IN ('api', 'sweep', 'invoke')", name="retry_tasks_trigger_known"),
     Index("retry_tasks_by_roadmap", "roadmap_id", "created_at"),
 )
 

@@ -1,0 +1,471 @@
+"""The generate function through its handler: saves, duplicates, faults, re-drive.
+
+Real PostgreSQL, moto's SQS with the queues of template.yaml, messages built by
+the detect function from the seed's plan, the event JSON of events/.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from content_retry.content_types import ContentType
+from content_retry.generated import ContentModel
+from content_retry.generators import (
+    MalformedOutputError,
+    PermanentGenerationError,
+    TransientGenerationError,
+)
+from content_retry.generators.template import TemplateGenerator
+from content_retry.ledger import task_status
+from content_retry.local.seed import SEED_ROADMAP_ID, seed_scenario
+from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from functions.detect.app import lambda_handler as detect_handler
+from functions.generate.app import lambda_handler as generate_handler
+from tests.conftest import FakeLambdaContext, Queues
+
+
+class CountingGenerator:
+    """The template generator, counting calls; chosen items fail or run a hook."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.failures: dict[tuple[str, str], Exception] = {}
+        self.before_call: Callable[[str, str], None] | None = None
+        self._template = TemplateGenerator()
+
+    def generate(
+        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+    ) -> ContentModel:
+        key = (concept.concept_id, content_type.value)
+        self.calls.append(key)
+        if self.before_call:
+            self.before_call(*key)
+        if key in self.failures:
+            raise self.failures[key]
+        return self._template.generate(concept, content_type, preferences)
+
+
+@pytest.fixture
+def generator(monkeypatch: pytest.MonkeyPatch) -> CountingGenerator:
+    fake = CountingGenerator()
+    monkeypatch.setattr("content_retry.generators.get_generator", lambda: fake)
+    return fake
+
+
+def sqs_event(load_event: Callable[[str], dict[str, Any]], bodies: list[str]) -> dict[str, Any]:
+    """An SQS event shaped like events/sqs-retry-batch.json, carrying these bodies."""
+    template = load_event("sqs-retry-batch.json")["Records"][0]
+    records = []
+    for number, body in enumerate(bodies):
+        record = copy.deepcopy(template)
+        record["messageId"] = f"message-{number}"
+        record["body"] = body
+        records.append(record)
+    return {"Records": records}
+
+
+def plan_messages(
+    session: Session, queues: Queues, load_event: Any, context: FakeLambdaContext, **seed: Any
+) -> list[str]:
+    """Seed, ask detect to retry tutorials through the API, return the queued bodies."""
+    seed_scenario(session, **seed)
+    session.commit()
+    response = detect_handler(load_event("api-retry.json"), context)
+    assert response["statusCode"] == 202, response
+    return [message["Body"] for message in queues.receive_all()]
+
+
+def run_batches(
+    bodies: list[str], load_event: Any, context: FakeLambdaContext, size: int = 5
+) -> list[str]:
+    """Feed the bodies to the generate handler in batches; return the failed message ids."""
+    failed: list[str] = []
+    for start in range(0, len(bodies), size):
+        response = generate_handler(sqs_event(load_event, bodies[start : start + size]), context)
+        failed += [failure["itemIdentifier"] for failure in response["batchItemFailures"]]
+    return failed
+
+
+def latest_tutorials(engine: Engine) -> dict[str, tuple[str, int]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT concept_id, content_status, content_version FROM tutorials "
+                "WHERE roadmap_id = :r AND is_latest"
+            ),
+            {"r": SEED_ROADMAP_ID},
+        ).all()
+    return {row.concept_id: (row.content_status, row.content_version) for row in rows}
+
+
+def framework_statuses(engine: Engine, key: str) -> dict[str, Any]:
+    with engine.connect() as connection:
+        framework = connection.execute(
+            text("SELECT framework_data FROM roadmap_metadata WHERE roadmap_id = :r"),
+            {"r": SEED_ROADMAP_ID},
+        ).scalar_one()
+    return {
+        concept["concept_id"]: concept[key]
+        for stage in framework["stages"]
+        for module in stage["modules"]
+        for concept in module["concepts"]
+    }
+
+
+def test_seed_scenario_end_to_end_saves_the_21_lost_tutorials(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    # GIVEN the 21 messages detect queued for the seed's lost tutorials
+    bodies = plan_messages(session, queues, load_event, lambda_context)
+    assert len(bodies) == 21
+
+    # WHEN the generate function consumes them in batches of 5
+    failed = run_batches(bodies, load_event, lambda_context)
+
+    # THEN all 31 tutorials are latest and completed, the 21 new ones as version 1...
+    assert failed == []
+    tutorials = latest_tutorials(db)
+    assert len(tutorials) == 31
+    assert {status for status, _ in tutorials.values()} == {"completed"}
+    # ...the framework says so, the task is completed, and the LLM was called 21 times
+    assert set(framework_statuses(db, "content_status").values()) == {"completed"}
+    task_id = json.loads(bodies[0])["task_id"]
+    with Session(db) as check:
+        task = task_status(check, task_id)
+    assert task is not None
+    assert task.status == "completed"
+    assert task.counts() == {"queued": 0, "succeeded": 21, "failed": 0, "dead_lettered": 0}
+    assert len(generator.calls) == 21
+    with db.connect() as connection:
+        content = connection.execute(
+            text("SELECT title, content FROM tutorials WHERE concept_id = 'c11' AND is_latest")
+        ).one()
+    assert content.title.startswith("Prompt compression")
+    assert "## What it is" in content.content
+
+
+def test_the_same_record_delivered_twice_saves_one_version_and_calls_the_llm_once(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    concept_id = json.loads(body)["concept"]["concept_id"]
+
+    first = generate_handler(sqs_event(load_event, [body]), lambda_context)
+    second = generate_handler(sqs_event(load_event, [body, body]), lambda_context)
+
+    assert first["batchItemFailures"] == second["batchItemFailures"] == []
+    with db.connect() as connection:
+        versions = connection.execute(
+            text("SELECT content_version, is_latest FROM tutorials WHERE concept_id = :c"),
+            {"c": concept_id},
+        ).all()
+    assert [tuple(row) for row in versions] == [(1, True)]
+    assert generator.calls == [(concept_id, "tutorial")]
+
+
+def test_a_new_version_takes_latest_from_the_previous_one(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    # GIVEN a failed quiz (version 1, latest) planned for retry
+    seed_scenario(session, other_failures=True)
+    session.commit()
+    event = load_event("api-retry.json")
+    event["body"] = json.dumps({"content_types": ["quiz"]})
+    assert detect_handler(event, lambda_context)["statusCode"] == 202
+    bodies = [message["Body"] for message in queues.receive_all()]
+
+    # WHEN it is regenerated
+    assert run_batches(bodies, load_event, lambda_context) == []
+
+    # THEN version 2 is the one latest row; version 1 is kept, no longer latest
+    with db.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT content_version, content_status, is_latest FROM quizzes "
+                "WHERE concept_id = 'c14' ORDER BY content_version"
+            )
+        ).all()
+    assert [tuple(row) for row in rows] == [(1, "failed", False), (2, "completed", True)]
+    assert framework_statuses(db, "quiz_status")["c14"] == "completed"
+
+
+def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redrive_saves_it(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    # GIVEN one queued message, and a database that drops the worker's
+    # connection while the LLM is answering (a proxy failover, a pool reaping it)
+    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    concept_id = json.loads(body)["concept"]["concept_id"]
+
+    def kill_connections(*_: str) -> None:
+        with db.connect() as connection:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend'"
+                )
+            )
+
+    generator.before_call = kill_connections
+
+    # WHEN the generate function processes it
+    response = generate_handler(sqs_event(load_event, [body]), lambda_context)
+
+    # THEN the record is acknowledged, nothing was half-saved, and the DLQ holds
+    # the message with the generated content and the reason
+    assert response["batchItemFailures"] == []
+    assert concept_id not in latest_tutorials(db)
+    dead = queues.receive_all(queues.dlq_url)
+    assert len(dead) == 1
+    assert dead[0]["MessageAttributes"]["reason"]["StringValue"] == "save_failed"
+    kept = RetryMessage.model_validate_json(dead[0]["Body"])
+    assert kept.generated is not None
+    assert kept.generated.tutorial is not None
+    assert kept.generated.tutorial.title.startswith(kept.concept.name)
+    with db.connect() as connection:
+        status = connection.execute(
+            text("SELECT status FROM retry_items WHERE concept_id = :c"), {"c": concept_id}
+        ).scalar_one()
+    assert status == "dead_lettered"
+
+    # WHEN that message is re-driven (the database is back)
+    generator.before_call = None
+    calls_before = len(generator.calls)
+    response = generate_handler(sqs_event(load_event, [dead[0]["Body"]]), lambda_context)
+
+    # THEN it is saved without calling the LLM again
+    assert response["batchItemFailures"] == []
+    assert latest_tutorials(db)[concept_id] == ("completed", 1)
+    assert len(generator.calls) == calls_before
+    with db.connect() as connection:
+        saved = connection.execute(
+            text("SELECT title FROM tutorials WHERE concept_id = :c"), {"c": concept_id}
+        ).scalar_one()
+    assert saved == kept.generated.tutorial.title
+
+
+def test_the_redriven_event_file_saves_its_content_without_the_llm(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    # GIVEN the planned message for c11, re-driven as events/ shows it (content inside)
+    bodies = plan_messages(session, queues, load_event, lambda_context)
+    planned = next(json.loads(b) for b in bodies if json.loads(b)["concept"]["concept_id"] == "c11")
+    event = load_event("sqs-redriven-with-generated.json")
+    redriven = json.loads(event["Records"][0]["body"])
+    redriven["task_id"] = planned["task_id"]
+    event["Records"][0]["body"] = json.dumps(redriven)
+
+    response = generate_handler(event, lambda_context)
+
+    assert response["batchItemFailures"] == []
+    assert generator.calls == []
+    with db.connect() as connection:
+        title = connection.execute(
+            text("SELECT title FROM tutorials WHERE concept_id = 'c11' AND is_latest")
+        ).scalar_one()
+    assert title == redriven["generated"]["tutorial"]["title"]
+
+
+def test_a_malformed_body_goes_to_the_dlq_with_its_reason(
+    queues: Queues, load_event: Any, lambda_context: FakeLambdaContext, generator: CountingGenerator
+) -> None:
+    event = load_event("sqs-malformed-body.json")
+
+    response = generate_handler(event, lambda_context)
+
+    assert response == {"batchItemFailures": []}
+    dead = queues.receive_all(queues.dlq_url)
+    assert [message["Body"] for message in dead] == [event["Records"][0]["body"]]
+    assert dead[0]["MessageAttributes"]["reason"]["StringValue"] == "invalid_message"
+    assert "task_id" in dead[0]["MessageAttributes"]["error"]["StringValue"]
+    assert generator.calls == []
+
+
+def test_a_message_the_judge_never_planned_is_dead_lettered(
+    queues: Queues,
+    session: Session,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    # the example batch names a task id no ledger holds
+    response = generate_handler(load_event("sqs-retry-batch.json"), lambda_context)
+
+    assert response == {"batchItemFailures": []}
+    reasons = {
+        m["MessageAttributes"]["reason"]["StringValue"] for m in queues.receive_all(queues.dlq_url)
+    }
+    assert reasons == {"not_planned"}
+    assert generator.calls == []
+
+
+def test_a_transient_llm_error_fails_exactly_that_record(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    bodies = plan_messages(session, queues, load_event, lambda_context)[:3]
+    throttled = json.loads(bodies[1])["concept"]["concept_id"]
+    generator.failures[(throttled, "tutorial")] = TransientGenerationError("ThrottlingException")
+
+    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
+    saved = latest_tutorials(db)
+    assert throttled not in saved
+    assert {json.loads(b)["concept"]["concept_id"] for b in (bodies[0], bodies[2])} <= set(saved)
+    with db.connect() as connection:
+        item = connection.execute(
+            text("SELECT status, attempts, last_error FROM retry_items WHERE concept_id = :c"),
+            {"c": throttled},
+        ).one()
+    assert (item.status, item.attempts) == ("running", 1)
+    assert "ThrottlingException" in item.last_error
+
+
+def test_a_permanent_llm_error_fails_the_item_and_acks(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    concept_id = json.loads(body)["concept"]["concept_id"]
+    generator.failures[(concept_id, "tutorial")] = PermanentGenerationError("content filtered")
+
+    response = generate_handler(sqs_event(load_event, [body]), lambda_context)
+
+    assert response == {"batchItemFailures": []}
+    with db.connect() as connection:
+        item = connection.execute(
+            text("SELECT status, last_error FROM retry_items WHERE concept_id = :c"),
+            {"c": concept_id},
+        ).one()
+    assert (item.status, item.last_error) == ("failed", "content filtered")
+    assert framework_statuses(db, "content_status")[concept_id] == "failed"
+    assert concept_id not in latest_tutorials(db)
+
+
+def test_malformed_output_is_transient_until_its_bound_then_permanent(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    concept_id = json.loads(body)["concept"]["concept_id"]
+    generator.failures[(concept_id, "tutorial")] = MalformedOutputError("not JSON")
+
+    answers = [generate_handler(sqs_event(load_event, [body]), lambda_context) for _ in range(3)]
+
+    assert [len(a["batchItemFailures"]) for a in answers] == [1, 1, 0]
+    with db.connect() as connection:
+        item = connection.execute(
+            text("SELECT status, attempts FROM retry_items WHERE concept_id = :c"),
+            {"c": concept_id},
+        ).one()
+    assert (item.status, item.attempts) == ("failed", 3)
+    assert len(generator.calls) == 3
+
+
+def test_every_record_failing_is_a_valid_response(
+    session: Session,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    bodies = plan_messages(session, queues, load_event, lambda_context)[:4]
+    for body in bodies:
+        concept_id = json.loads(body)["concept"]["concept_id"]
+        generator.failures[(concept_id, "tutorial")] = TransientGenerationError("timeout")
+
+    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": f"message-{n}"} for n in range(4)]}
+
+
+def test_too_little_time_left_fails_the_rest_without_calling_the_llm(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+) -> None:
+    bodies = plan_messages(session, queues, load_event, lambda_context)[:3]
+
+    def time_passes(*_: str) -> None:
+        lambda_context.remaining_ms = 10_000  # after the first call, 10 s are left
+
+    generator.before_call = time_passes
+
+    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+
+    assert response == {
+        "batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]
+    }
+    assert len(generator.calls) == 1
+    assert len(latest_tutorials(db)) == 11
+
+
+def test_the_database_down_at_the_start_fails_every_record_without_llm_calls(
+    session: Session,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    env: pytest.MonkeyPatch,
+) -> None:
+    bodies = plan_messages(session, queues, load_event, lambda_context)[:2]
+    from tests.conftest import _reset_process_caches
+
+    env.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:9/nothing")
+    _reset_process_caches()
+
+    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+
+    assert len(response["batchItemFailures"]) == 2
+    assert generator.calls == []
