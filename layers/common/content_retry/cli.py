@@ -1,22 +1,197 @@
-"""The ``content-retry`` command line (DESIGN §10)."""
+"""The ``content-retry`` command line (DESIGN §10).
+
+Local commands run the deployed handlers unchanged; with no ``DATABASE_URL``
+they start an embedded PostgreSQL, and with no ``AWS_ENDPOINT_URL`` (and no
+``RETRY_QUEUE_URL``) they start moto's server, creating the queues as
+template.yaml defines them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+def _quiet_handlers(verbose: bool, level: str = "WARNING") -> None:
+    """Keep the handlers' JSON logs (below ``level``) and EMF metrics out of a
+    person's terminal."""
+    if verbose:
+        return
+    import logging
+
+    os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
+    from content_retry.observability import logger
+
+    logger.setLevel(level)
+    # The pool reports a dropped connection it could not close cleanly (the
+    # demo drops one on purpose); the handlers' own events say what happened.
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.CRITICAL)
+
+
+def _describe(environment: object) -> None:
+    print(f"environment: {environment}", file=sys.stderr)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from content_retry.local.demo import run_demo
+    from content_retry.local.environment import local_environment
+
+    # The demo narrates what the handlers do; their own events are for --verbose.
+    _quiet_handlers(args.verbose, level="CRITICAL")
+    print("content-retry demo: the seed's failure and its repair, on this machine")
+    with local_environment(aws="thread") as environment:
+        print(f"   database: {environment.database}, AWS: {environment.aws}\n")
+        return run_demo()
 
 
 def _db_init(args: argparse.Namespace) -> int:
-    from content_retry.database import create_missing, get_engine
     from content_retry.local.environment import local_environment
 
-    with local_environment(need_aws=False), get_engine().begin() as connection:
-        created = create_missing(connection)
-    if created:
-        print(f"created tables: {', '.join(created)}")
+    with local_environment(aws="none") as environment:
+        _describe(environment)
+    print("tables and indexes: present (created what was missing; nothing dropped or altered)")
+    return 0
+
+
+def _invoke(args: argparse.Namespace) -> int:
+    from content_retry.local.environment import local_environment
+    from content_retry.local.lambda_runtime import invoke
+
+    try:
+        event = json.loads(Path(args.event).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read the event {args.event}: {exc}", file=sys.stderr)
+        return 2
+    _quiet_handlers(args.verbose)
+    with local_environment() as environment:
+        _describe(environment)
+        result = invoke(args.function, event)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from content_retry.aws import client
+    from content_retry.local.environment import local_environment
+    from content_retry.local.lambda_runtime import DrainReport, drain, queue_depth
+    from content_retry.settings import get_settings
+
+    _quiet_handlers(args.verbose)
+    with local_environment() as environment:
+        _describe(environment)
+        settings = get_settings()
+        sqs = client("sqs")
+        queue_url = settings.require("retry_queue_url")
+        total = queue_depth(sqs, queue_url)
+
+        def progress(report: DrainReport, size: int, failed: int) -> None:
+            print(
+                f"batch {report.batches}: {size} record(s), {size - failed} done, {failed} failed"
+                f" ({report.succeeded}/{total} done so far)"
+            )
+
+        report = drain(sqs, queue_url, batch_size=args.batch_size, on_batch=progress)
+        dlq = queue_depth(sqs, settings.require("retry_dlq_url"))
+    print(
+        f"drained: {report.received} received in {report.batches} batch(es), "
+        f"{report.succeeded} done, {report.failed} failed; dead-letter queue: {dlq}"
+    )
+    return 0
+
+
+def _redrive(args: argparse.Namespace) -> int:
+    from content_retry.aws import client
+    from content_retry.local.environment import local_environment
+    from content_retry.local.lambda_runtime import redrive
+    from content_retry.settings import get_settings
+
+    with local_environment() as environment:
+        _describe(environment)
+        settings = get_settings()
+        report = redrive(
+            client("sqs"),
+            settings.require("retry_dlq_url"),
+            settings.require("retry_queue_url"),
+            dry_run=args.dry_run,
+            # moto has no StartMessageMoveTask; real SQS does
+            use_move_task=environment.aws == "given",
+        )
+    if report.dry_run:
+        print(f"dry run: {report.moved} message(s) would move back to the retry queue")
     else:
-        print("all tables exist; nothing changed")
+        print(f"moved {report.moved} message(s) back to the retry queue ({report.method})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from content_retry.local.environment import local_environment
+    from content_retry.local.http_api import DEV_USER_HEADER, make_server
+
+    _quiet_handlers(args.verbose)
+    with local_environment() as environment:
+        _describe(environment)
+        server = make_server(args.port, dev_identity=args.dev_identity)
+        host, port = server.server_address[:2]
+        print(
+            f"serving the retry API on http://{host!s}:{port}  (Swagger UI: /docs, /openapi.json)"
+        )
+        if args.dev_identity:
+            print(
+                f"DEVELOPMENT IDENTITY: the caller is taken from the {DEV_USER_HEADER} header. "
+                "Anyone who can reach this port can act as any user.",
+                flush=True,
+            )
+        else:
+            print(
+                "no identity: without an authorizer every API request is answered 401 "
+                "(start with --dev-identity to take it from a header)",
+                flush=True,
+            )
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from uuid import UUID
+
+    from sqlalchemy.orm import Session
+
+    from content_retry.database import get_engine
+    from content_retry.ledger import task_status
+    from content_retry.local.environment import local_environment
+
+    try:
+        task_id = str(UUID(args.task_id))
+    except ValueError:
+        print(f"error: {args.task_id!r} is not a task id (a UUID)", file=sys.stderr)
+        return 2
+    with local_environment(aws="none"), Session(get_engine()) as session:
+        task = task_status(session, task_id)
+    if task is None:
+        print(f"error: no task {task_id}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "task_id": task.task_id,
+                "roadmap_id": task.roadmap_id,
+                "status": task.status,
+                "counts": task.counts(),
+                "last_error": task.last_error,
+                "items": [vars(item) for item in task.items],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -25,11 +200,19 @@ def _openapi(args: argparse.Namespace) -> int:
 
     document = openapi_document()
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as file:
-            file.write(document)
+        Path(args.output).write_text(document, encoding="utf-8")
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(document)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from content_retry.local.aws import stop_background_moto
+    from content_retry.local.environment import LOCAL_STATE_DIR
+
+    stopped = stop_background_moto(LOCAL_STATE_DIR)
+    print("stopped the background moto server" if stopped else "no background moto server running")
     return 0
 
 
@@ -37,9 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="content-retry",
         description="Find learning content a roadmap platform failed to generate or save, "
-        "and regenerate it.",
+        "and regenerate it. Local commands start an embedded PostgreSQL and moto's server "
+        "when DATABASE_URL and AWS_ENDPOINT_URL are not set.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_: str, run: object) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(run=run)
+        return sub
+
+    demo = command("demo", "the seed's failure and its repair, end to end", _demo)
+    demo.add_argument("--verbose", action="store_true", help="show the handlers' logs and metrics")
 
     db = commands.add_parser("db", help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
@@ -48,11 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(run=_db_init)
 
-    openapi = commands.add_parser(
-        "openapi", help="print the HTTP API's OpenAPI document (generated from the code)"
+    invoke = command(
+        "invoke", "invoke a handler with an event file, like sam local invoke -e", _invoke
     )
+    invoke.add_argument("function", choices=["detect", "generate"])
+    invoke.add_argument("--event", "-e", required=True, help="event JSON (see events/)")
+    invoke.add_argument("--verbose", action="store_true", help="show the handler's logs")
+
+    drain = command(
+        "drain", "consume the retry queue through the generate handler until it is empty", _drain
+    )
+    drain.add_argument("--batch-size", type=int, default=None, help="default: template.yaml's")
+    drain.add_argument("--verbose", action="store_true", help="show the handler's logs")
+
+    redrive = command("redrive", "move dead-lettered messages back to the retry queue", _redrive)
+    redrive.add_argument("--dry-run", action="store_true", help="count them, change nothing")
+
+    serve = command("serve", "the HTTP API on 127.0.0.1, with its OpenAPI document", _serve)
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--dev-identity",
+        action="store_true",
+        help="DEVELOPMENT ONLY: take the caller from the X-Dev-User header",
+    )
+    serve.add_argument("--verbose", action="store_true", help="show the handler's logs")
+
+    status = command("status", "a retry task's status and items", _status)
+    status.add_argument("task_id")
+
+    openapi = command("openapi", "print the HTTP API's OpenAPI document (from the code)", _openapi)
     openapi.add_argument("--output", "-o", help="write it to this file (docs/openapi.json)")
-    openapi.set_defaults(run=_openapi)
+
+    command("stop", "stop the background moto server the local commands share", _stop)
     return parser
 
 

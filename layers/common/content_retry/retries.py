@@ -171,12 +171,14 @@ SELECT r.roadmap_id
 FROM roadmap_metadata AS r
 WHERE {SWEEP_CANDIDATE_PREDICATE}
   AND r.updated_at < now() - make_interval(mins => :grace_minutes)
-  -- A roadmap planned less than a claim lease ago waits: its claims still hold,
-  -- and an item that keeps failing is not paid for again on every run.
+  -- A roadmap whose recent task (younger than a claim lease) still has items
+  -- open, or ended with failures, waits: its claims still hold, and an item
+  -- that keeps failing is not paid for again on every run.
   AND NOT EXISTS (
-    SELECT 1 FROM retry_tasks AS t
+    SELECT 1 FROM retry_tasks AS t JOIN retry_items AS i ON i.task_id = t.task_id
     WHERE t.roadmap_id = r.roadmap_id
-      AND t.created_at > now() - make_interval(mins => :lease_minutes))
+      AND t.created_at > now() - make_interval(mins => :lease_minutes)
+      AND i.status <> 'succeeded')
 ORDER BY (SELECT max(t.created_at) FROM retry_tasks AS t WHERE t.roadmap_id = r.roadmap_id)
          NULLS FIRST,
          r.updated_at

@@ -1,9 +1,13 @@
-"""Supplies the environment the handlers expect when it is not given.
+"""Supplies the environment the handlers expect, when it is not given.
 
-With no ``DATABASE_URL``, an embedded PostgreSQL is started (data under
-``.local/pgdata``, reused between runs). With no ``AWS_ENDPOINT_URL``, moto's
-server is started on 127.0.0.1 and the queues are created from template.yaml.
-Handlers then run unchanged: they read the same variables as in Lambda.
+- No ``DATABASE_URL`` (and no ``DB_AUTH``): an embedded PostgreSQL, data under
+  ``.local/pgdata``, reused between runs; its tables are created if missing.
+- No ``AWS_ENDPOINT_URL`` and no ``RETRY_QUEUE_URL``: moto's server on
+  127.0.0.1, with the queues created as template.yaml defines them.
+
+Given a real ``DATABASE_URL`` and real AWS (queue URLs and credentials), the
+same commands use those instead. Handlers then run unchanged: they read the
+same variables as in Lambda.
 """
 
 from __future__ import annotations
@@ -11,34 +15,77 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from content_retry.local.postgres import start_embedded_postgres
 from content_retry.settings import get_settings
 
 LOCAL_STATE_DIR = Path(".local")
 
 
-def _set_environment(**values: str) -> None:
+@dataclass
+class LocalEnvironment:
+    database: str  # "embedded" or "given"
+    aws: str  # "moto (this process)", "moto (background)", "given" or "none"
+
+
+def _set(**values: str) -> None:
     os.environ.update(values)
     get_settings.cache_clear()
 
 
 @contextmanager
-def local_environment(*, need_aws: bool = True) -> Iterator[None]:
-    """Make sure a database (and, if asked, AWS) is reachable for this process."""
-    from content_retry.aws import client
-    from content_retry.database.engine import get_engine
+def local_environment(
+    *, aws: str = "background", state_dir: Path = LOCAL_STATE_DIR
+) -> Iterator[LocalEnvironment]:
+    """Make a database and (unless ``aws="none"``) SQS reachable for this process.
+
+    Args:
+        aws: ``"thread"`` runs moto in this process and stops it on exit;
+            ``"background"`` shares one moto server between commands;
+            ``"none"`` needs no AWS.
+    """
+    from content_retry.aws import bedrock_runtime_client, client
+    from content_retry.database import create_missing, get_engine
+    from content_retry.local.postgres import start_embedded_postgres
 
     settings = get_settings()
+    described = LocalEnvironment(database="given", aws="given")
     if not settings.database_url and not settings.db_auth:
-        url = start_embedded_postgres(LOCAL_STATE_DIR / "pgdata")
-        _set_environment(DATABASE_URL=url)
-        print(f"using the embedded PostgreSQL in {LOCAL_STATE_DIR / 'pgdata'}")
-    if need_aws:
-        raise NotImplementedError("the local AWS stand-in comes with the local runtime")
+        _set(DATABASE_URL=start_embedded_postgres(state_dir / "pgdata"))
+        described.database = "embedded"
+    with get_engine().begin() as connection:
+        create_missing(connection)
+
+    server: Any = None
+    if aws == "none":
+        described.aws = "none"
+    elif not settings.aws_endpoint_url and not settings.retry_queue_url:
+        from content_retry.local.aws import ensure_background_moto, start_threaded_moto
+
+        if aws == "thread":
+            endpoint, server = start_threaded_moto()
+            described.aws = "moto (this process)"
+        else:
+            endpoint = ensure_background_moto(state_dir)
+            described.aws = "moto (background)"
+        # moto accepts any credentials; these never leave this machine.
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+        _set(AWS_ENDPOINT_URL=endpoint, AWS_REGION=settings.aws_region)
+        client.cache_clear()
+        from content_retry.local.template import create_queues
+
+        queue_url, dlq_url = create_queues(client("sqs"))
+        _set(RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url)
     try:
-        yield
+        yield described
     finally:
+        if get_engine.cache_info().currsize:
+            get_engine().dispose()
         get_engine.cache_clear()
         client.cache_clear()
+        bedrock_runtime_client.cache_clear()
+        if server is not None:
+            server.stop()

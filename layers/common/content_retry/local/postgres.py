@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,11 @@ def start_embedded_postgres(data_dir: Path, *, delete_on_exit: bool = False) -> 
         ) from exc
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        server: Any = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (as in containers)
+            # and falls back to /tmp, which is what we want.
+            warnings.simplefilter("ignore")
+            server: Any = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else "stop")
     except Exception as exc:
         raise EmbeddedPostgresError(
             f"embedded PostgreSQL did not start in {data_dir}: {exc}"

@@ -1,0 +1,320 @@
+"""``content-retry demo``: the seed's failure and its repair, end to end, on this machine.
+
+It seeds the roadmap whose 21 lost tutorials the old retry missed, shows what
+the old rule and the judge each find, asks for a retry through the detect
+handler as a signed-in user would, drains the queue through the generate
+handler while one save loses its database connection, re-drives the
+dead-lettered content without a second LLM call, lets the schedule sweep take
+the rest, and checks the end state (exit status 1 when it is wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from content_retry.content_types import ContentType
+from content_retry.generated import ContentModel
+from content_retry.generators.template import TemplateGenerator
+from content_retry.local.lambda_runtime import (
+    DrainReport,
+    drain,
+    invoke,
+    queue_depth,
+    redrive,
+    repo_path,
+)
+from content_retry.local.seed import (
+    SEED_ROADMAP_ID,
+    SEED_USER_ID,
+    old_status_only_rule,
+    seed_scenario,
+)
+from content_retry.messages import MessageConcept, Preferences, RetryMessage
+
+CONTENT_TABLES = ("tutorials", "resource_recommendations", "quizzes")
+
+# The query a user would run to see the repair (printed, not executed).
+CHECK_SQL = (
+    "SELECT content_status, count(*) FROM tutorials "
+    "WHERE roadmap_id = 'agent-performance-optimization-x5y9z2q8' AND is_latest "
+    "GROUP BY content_status;"
+)
+
+
+class DemoGenerator:
+    """The template generator, counting its calls (the demo's "LLM calls"), and
+    dropping the worker's database connection once, just before one save."""
+
+    name = "template"
+
+    def __init__(self, engine_url: str, fail_on_call: int) -> None:
+        self.calls = 0
+        self._template = TemplateGenerator()
+        self._fail_on_call = fail_on_call
+        self._engine_url = engine_url
+        self.dropped_for: str | None = None
+
+    def generate(
+        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+    ) -> ContentModel:
+        self.calls += 1
+        content = self._template.generate(concept, content_type, preferences)
+        if self.calls == self._fail_on_call:
+            self._drop_other_connections()
+            self.dropped_for = concept.concept_id
+        return content
+
+    def _drop_other_connections(self) -> None:
+        # What an exhausted pool, a proxy failover or a reaped idle connection
+        # looks like to the worker: its connection is gone when it saves.
+        killer = create_engine(self._engine_url, poolclass=NullPool)
+        with killer.begin() as connection:
+            connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend'"
+                )
+            )
+        killer.dispose()
+
+
+@dataclass
+class Demo:
+    engine: Engine
+    sqs: Any
+    queue_url: str
+    dlq_url: str
+    out: TextIO = sys.stdout
+    problems: list[str] = field(default_factory=list)
+
+    def say(self, line: str = "") -> None:
+        print(line, file=self.out, flush=True)
+
+    def check(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+            self.say(f"   !! {problem}")
+
+    def rows_by_status(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as connection:
+            for table in CONTENT_TABLES:
+                rows = connection.execute(
+                    text(
+                        f"SELECT content_status, count(*) AS n FROM {table} "  # noqa: S608 - constant names
+                        "WHERE roadmap_id = :r AND is_latest GROUP BY content_status"
+                    ),
+                    {"r": SEED_ROADMAP_ID},
+                ).all()
+                counts[table] = {row.content_status: row.n for row in rows}
+        return counts
+
+    def framework(self) -> dict[str, Any]:
+        with self.engine.connect() as connection:
+            framework: dict[str, Any] = connection.execute(
+                text("SELECT framework_data FROM roadmap_metadata WHERE roadmap_id = :r"),
+                {"r": SEED_ROADMAP_ID},
+            ).scalar_one()
+        return framework
+
+    def progress(self, label: str, total: int) -> Any:
+        def show(report: DrainReport, size: int, failed: int) -> None:
+            done = min(report.succeeded, total) if total else report.succeeded
+            width = 30
+            filled = int(width * done / total) if total else width
+            self.say(
+                f"   {label} batch {report.batches:>2}: {size} record(s), {size - failed} done, "
+                f"{failed} failed  [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+            )
+
+        return show
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "none"
+
+
+def run_demo(out: TextIO = sys.stdout) -> int:
+    """Run the demo in the current (local) environment; returns the exit status."""
+    from content_retry.aws import client
+    from content_retry.database import get_engine
+    from content_retry.generators import use_generator
+    from content_retry.settings import get_settings
+
+    started = time.monotonic()
+    settings = get_settings()
+    engine = get_engine()
+    demo = Demo(
+        engine=engine,
+        sqs=client("sqs"),
+        queue_url=settings.require("retry_queue_url"),
+        dlq_url=settings.require("retry_dlq_url"),
+        out=out,
+    )
+    say = demo.say
+
+    # 1. The seed, fresh each run (the demo's roadmap only: nothing else is touched).
+    with Session(engine) as session, session.begin():
+        session.execute(
+            text("DELETE FROM roadmap_metadata WHERE roadmap_id = :r"), {"r": SEED_ROADMAP_ID}
+        )
+        scenario = seed_scenario(session, other_failures=True)
+    for url in (demo.queue_url, demo.dlq_url):
+        demo.sqs.purge_queue(QueueUrl=url)
+    before = demo.rows_by_status()
+    framework = demo.framework()
+    statuses = Counter(
+        str(concept.get("content_status"))
+        for stage in framework["stages"]
+        for module in stage["modules"]
+        for concept in module["concepts"]
+        if concept["concept_id"] in scenario.lost_tutorials
+    )
+    say(f"1. The seed: roadmap {SEED_ROADMAP_ID}, 31 concepts, owner {SEED_USER_ID}")
+    say(
+        f"   tutorials: {len(scenario.completed_tutorials)} completed, "
+        f"{len(scenario.lost_tutorials)} generated but never saved (no row; framework status "
+        f"null {statuses['None']}, processing {statuses['processing']}, failed 0)"
+    )
+    say(
+        f"   also: {len(scenario.failed_quizzes)} failed quizzes, "
+        f"{len(scenario.failed_resources)} failed resource lists"
+    )
+    say()
+
+    # 2. The old rule against the judge (planned in a transaction that is rolled back).
+    from content_retry.plan import build_retry_plan
+
+    old = old_status_only_rule(framework, "content_status")
+    with Session(engine) as session:
+        plan = build_retry_plan(session, SEED_ROADMAP_ID, ["tutorial"])
+        session.rollback()
+    reasons = plan.count_by_reason()
+    say("2. Which tutorials need a retry?")
+    say(f'   the old worker\'s rule (content_status == "failed"):  {len(old)}')
+    say(
+        f"   the judge (no completed latest row):                 {plan.item_count} "
+        f"(missing {reasons['missing']}, stale {reasons['stale']}, failed {reasons['failed']})"
+    )
+    demo.check(len(old) == 0, "the old rule should find 0")
+    demo.check(plan.item_count == 21, f"the judge should find 21, found {plan.item_count}")
+    say()
+
+    # 3. The retry request, as API Gateway delivers it for the signed-in owner.
+    event = json.loads(repo_path("events/api-retry.json").read_text())
+    say(f"3. POST /roadmaps/{SEED_ROADMAP_ID}/retry as {SEED_USER_ID} (events/api-retry.json)")
+    response = invoke("detect", event)
+    body = json.loads(response["body"])
+    say(
+        f"   -> {response['statusCode']} retried_count={body['retried_count']} "
+        f"items={body['items']} reasons={body['reasons']}"
+    )
+    retried_count = body["retried_count"]
+    task_id = body["task_id"]
+    queued = queue_depth(demo.sqs, demo.queue_url)
+    say(f"   {queued} messages on the retry queue (one per concept), task {task_id}")
+    demo.check(response["statusCode"] == 202 and retried_count == 21, "expected 202, 21 items")
+    say()
+
+    # 4. Drain through the generate handler; one save loses its connection.
+    generator = DemoGenerator(engine.url.render_as_string(hide_password=False), fail_on_call=8)
+    use_generator(generator)
+    try:
+        say("4. The generate function drains the queue (the 8th save loses its connection)")
+        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("generate", queued))
+        dead = demo.sqs.receive_message(
+            QueueUrl=demo.dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+            VisibilityTimeout=0,
+        ).get("Messages", [])
+        say(f"   dead-letter queue: {len(dead)} message(s)")
+        for message in dead:
+            kept = RetryMessage.model_validate_json(message["Body"])
+            reason = message["MessageAttributes"]["reason"]["StringValue"]
+            title = (
+                kept.generated.tutorial.title if kept.generated and kept.generated.tutorial else "-"
+            )
+            say(f'   - {kept.concept.concept_id} ({reason}), generated content kept: "{title}"')
+        demo.check(len(dead) == 1, "one message should be dead-lettered with its content")
+        calls_before_redrive = generator.calls
+        say()
+
+        # 5. Re-drive: the content is saved without calling the LLM again.
+        moved = redrive(demo.sqs, demo.dlq_url, demo.queue_url, use_move_task=False)
+        say(f"5. Re-drive: {moved.moved} message(s) moved back ({moved.method}); draining again")
+        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("re-drive", moved.moved))
+        say(
+            f"   LLM calls before the re-drive: {calls_before_redrive}, after: {generator.calls} "
+            f"(the saved content came from the message)"
+        )
+        demo.check(generator.calls == calls_before_redrive, "the re-drive must not call the LLM")
+        say()
+
+        # 6. The schedule sweep takes the failed quizzes and resource lists.
+        sweep_event = json.loads(repo_path("events/schedule-sweep.json").read_text())
+        sweep = invoke("detect", sweep_event)
+        say(f"6. The schedule sweep (events/schedule-sweep.json) -> {json.dumps(sweep)}")
+        swept = queue_depth(demo.sqs, demo.queue_url)
+        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("sweep", swept))
+        demo.check(sweep.get("retried_count") == 5, "the sweep should plan the 5 failed items")
+        say()
+    finally:
+        use_generator(None)
+
+    # The end state.
+    after = demo.rows_by_status()
+    from content_retry.ledger import task_status
+
+    with Session(engine) as session:
+        task = task_status(session, task_id)
+    framework = demo.framework()
+    concept_statuses = Counter(
+        (key, concept.get(key))
+        for stage in framework["stages"]
+        for module in stage["modules"]
+        for concept in module["concepts"]
+        for key in ("content_status", "resources_status", "quiz_status")
+    )
+    dlq_depth = queue_depth(demo.sqs, demo.dlq_url)
+    queue_left = queue_depth(demo.sqs, demo.queue_url)
+    for table in CONTENT_TABLES:
+        demo.check(after[table] == {"completed": 31}, f"{table}: expected 31 completed latest rows")
+    demo.check(
+        all(status == "completed" for (_, status) in concept_statuses.elements()),
+        "every framework status should say completed",
+    )
+    demo.check(dlq_depth == 0 and queue_left == 0, "both queues should be empty")
+    demo.check(task is not None and task.status == "completed", "the task should be completed")
+
+    say("Summary")
+    say(f"   retried_count={retried_count}")
+    say(f"   {'latest rows by status':<28}{'before':<28}after")
+    for table in CONTENT_TABLES:
+        say(f"   {table:<28}{_format_counts(before[table]):<28}{_format_counts(after[table])}")
+    say(
+        f"   LLM calls: {generator.calls} ({calls_before_redrive} for the 21 tutorials, "
+        f"0 for the re-drive, {generator.calls - calls_before_redrive} for the sweep)"
+    )
+    say(f"   DLQ depth: {dlq_depth}   retry queue depth: {queue_left}")
+    if task is not None:
+        say(f"   task {task.task_id}: {task.status} {task.counts()}")
+    say("   check it yourself:")
+    say(f"     {CHECK_SQL}")
+    say(f"   in {time.monotonic() - started:.1f} s")
+    if demo.problems:
+        say(f"end state: WRONG ({len(demo.problems)} problem(s))")
+        return 1
+    say("end state: OK")
+    return 0

@@ -1,0 +1,134 @@
+"""``content-retry serve``: the HTTP API on localhost, through the detect handler.
+
+Each request becomes an API Gateway REST proxy event, as API Gateway would
+build it, and goes to the deployed handler unchanged. The caller's identity
+comes from API Gateway's authorizer in AWS; locally there is none, so every
+API request is anonymous (401) unless the server was started with
+``--dev-identity``, which takes the caller from an ``X-Dev-User`` header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from content_retry.local.lambda_runtime import invoke
+
+DEV_USER_HEADER = "X-Dev-User"
+
+ROUTES = (
+    (
+        "POST",
+        re.compile(r"^/roadmaps/(?P<roadmap_id>[^/]+)/retry$"),
+        "/roadmaps/{roadmap_id}/retry",
+    ),
+    ("GET", re.compile(r"^/retry-tasks/(?P<task_id>[^/]+)$"), "/retry-tasks/{task_id}"),
+)
+
+SWAGGER_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>content-retry API</title>
+<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<noscript>The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+</body></html>
+"""
+
+
+def api_gateway_event(
+    method: str, raw_path: str, headers: dict[str, str], body: str | None, caller: str | None
+) -> dict[str, Any]:
+    """The REST proxy event API Gateway would send for this request."""
+    path = urlsplit(raw_path).path
+    resource, parameters = path, None
+    for route_method, pattern, route_resource in ROUTES:
+        match = pattern.match(path)
+        if match and route_method == method:
+            resource = route_resource
+            parameters = {name: unquote(value) for name, value in match.groupdict().items()}
+    context: dict[str, Any] = {
+        "accountId": "000000000000",
+        "apiId": "local",
+        "httpMethod": method,
+        "identity": {"sourceIp": "127.0.0.1", "userAgent": headers.get("User-Agent", "")},
+        "path": path,
+        "protocol": "HTTP/1.1",
+        "requestId": str(uuid.uuid4()),
+        "requestTimeEpoch": int(time.time() * 1000),
+        "resourcePath": resource,
+        "stage": "local",
+    }
+    if caller:
+        context["authorizer"] = {"claims": {"sub": caller}}
+    return {
+        "resource": resource,
+        "path": unquote(path),
+        "httpMethod": method,
+        "headers": headers,
+        "multiValueHeaders": {name: [value] for name, value in headers.items()},
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "pathParameters": parameters,
+        "stageVariables": None,
+        "requestContext": context,
+        "body": body,
+        "isBase64Encoded": False,
+    }
+
+
+def make_server(port: int, *, dev_identity: bool) -> HTTPServer:
+    """An HTTP server on 127.0.0.1 answering with the detect handler."""
+    from content_retry.api import openapi_document
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "content-retry-local"
+
+        def _send(
+            self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+        ) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (extra or {}).items():
+                if name.lower() not in ("content-type", "content-length"):
+                    self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _api(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length).decode("utf-8", errors="replace") if length else None
+            headers = dict(self.headers.items())
+            caller = self.headers.get(DEV_USER_HEADER) if dev_identity else None
+            event = api_gateway_event(self.command, self.path, headers, body, caller or None)
+            response = invoke("detect", event)
+            self._send(
+                int(response["statusCode"]),
+                (response.get("body") or "").encode(),
+                response.get("headers", {}).get("Content-Type", "application/json"),
+                response.get("headers"),
+            )
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/openapi.json":
+                self._send(HTTPStatus.OK, openapi_document().encode(), "application/json")
+            elif path in ("/", "/docs"):
+                self._send(HTTPStatus.OK, SWAGGER_PAGE.encode(), "text/html; charset=utf-8")
+            else:
+                self._api()
+
+        def do_POST(self) -> None:
+            self._api()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            print(json.dumps({"event": "http_request", "line": format % args}))
+
+    return HTTPServer(("127.0.0.1", port), Handler)

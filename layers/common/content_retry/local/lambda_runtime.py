@@ -1,0 +1,253 @@
+"""What Lambda does around the handlers, done locally: invoke, the SQS poller, re-drive.
+
+The handlers are the deployed ``functions/*/app.py``, loaded from their files;
+this module only builds their events and contexts, as Lambda would.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from content_retry.local.template import TEMPLATE_PATH, resource
+
+REPO_ROOT = TEMPLATE_PATH.parent
+FUNCTIONS = {"detect": "DetectFunction", "generate": "GenerateFunction"}
+
+Handler = Callable[[Any, Any], Any]
+
+
+@dataclass
+class LocalLambdaContext:
+    """The ``context`` Lambda passes: names, request id, and a deadline."""
+
+    function_name: str
+    timeout_seconds: int
+    memory_limit_in_mb: int = 512
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def invoked_function_arn(self) -> str:
+        return f"arn:aws:lambda:us-east-1:000000000000:function:{self.function_name}"
+
+    def get_remaining_time_in_millis(self) -> int:
+        elapsed = time.monotonic() - self.started
+        return max(0, int((self.timeout_seconds - elapsed) * 1000))
+
+
+def context_for(function: str) -> LocalLambdaContext:
+    """A fresh context for one invocation, with the template's timeout."""
+    properties = resource(FUNCTIONS[function])["Properties"]
+    return LocalLambdaContext(
+        function_name=f"content-retry-{function}-local",
+        timeout_seconds=int(properties.get("Timeout", 3)),
+        memory_limit_in_mb=int(properties.get("MemorySize", 512)),
+    )
+
+
+@cache
+def load_handler(function: str) -> Handler:
+    """The handler template.yaml names for ``detect`` or ``generate``, from its file.
+
+    Raises:
+        ValueError: not one of the two functions.
+    """
+    if function not in FUNCTIONS:
+        raise ValueError(f"unknown function {function!r}; choose one of: {', '.join(FUNCTIONS)}")
+    properties = resource(FUNCTIONS[function])["Properties"]
+    module_name, attribute = properties["Handler"].rsplit(".", 1)
+    path = REPO_ROOT / properties["CodeUri"] / f"{module_name}.py"
+    spec = importlib.util.spec_from_file_location(f"content_retry_handler_{function}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler: Handler = getattr(module, attribute)
+    return handler
+
+
+def invoke(function: str, event: Any) -> Any:
+    """Invoke a handler once, as ``sam local invoke -e`` would."""
+    return load_handler(function)(event, context_for(function))
+
+
+def _sqs_record(message: dict[str, Any], queue_arn: str) -> dict[str, Any]:
+    """An SQS event record, as Lambda's poller builds it from a received message."""
+    attributes = message.get("Attributes", {})
+    return {
+        "messageId": message["MessageId"],
+        "receiptHandle": message["ReceiptHandle"],
+        "body": message["Body"],
+        "attributes": {
+            "ApproximateReceiveCount": attributes.get("ApproximateReceiveCount", "1"),
+            "SentTimestamp": attributes.get("SentTimestamp", "0"),
+            "SenderId": attributes.get("SenderId", "local"),
+            "ApproximateFirstReceiveTimestamp": attributes.get(
+                "ApproximateFirstReceiveTimestamp", "0"
+            ),
+        },
+        "messageAttributes": {
+            name: {
+                "stringValue": value.get("StringValue"),
+                "binaryValue": value.get("BinaryValue"),
+                "stringListValues": [],
+                "binaryListValues": [],
+                "dataType": value.get("DataType", "String"),
+            }
+            for name, value in message.get("MessageAttributes", {}).items()
+        },
+        "md5OfBody": message.get("MD5OfBody", ""),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": queue_arn,
+        "awsRegion": queue_arn.split(":")[3] if queue_arn.count(":") >= 5 else "us-east-1",
+    }
+
+
+@dataclass
+class DrainReport:
+    batches: int = 0
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+def drain(
+    sqs: Any,
+    queue_url: str,
+    *,
+    batch_size: int | None = None,
+    max_batches: int = 10_000,
+    on_batch: Callable[[DrainReport, int, int], None] | None = None,
+) -> DrainReport:
+    """Lambda's SQS poller, locally: receive, invoke generate, delete what succeeded.
+
+    Records the handler reports failed are left to the queue: made visible
+    again at once (Lambda would wait out the visibility timeout), so SQS's
+    redrive policy moves a record that keeps failing to the DLQ after
+    maxReceiveCount receives. Stops when the queue is empty.
+
+    Args:
+        batch_size: records per invocation; default the template's BatchSize.
+        on_batch: called after each batch with the report so far, the batch's
+            size and its failures (progress display).
+    """
+    if batch_size is None:
+        event = resource("GenerateFunction")["Properties"]["Events"]["RetryMessages"]
+        batch_size = int(event["Properties"]["BatchSize"])
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    report = DrainReport()
+    while report.batches < max_batches:
+        messages = sqs.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=batch_size,
+            WaitTimeSeconds=0,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        if not messages:
+            break
+        response = invoke("generate", {"Records": [_sqs_record(m, queue_arn) for m in messages]})
+        failed_ids = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
+        done = [m for m in messages if m["MessageId"] not in failed_ids]
+        if done:
+            sqs.delete_message_batch(
+                QueueUrl=queue_url,
+                Entries=[
+                    {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]} for n, m in enumerate(done)
+                ],
+            )
+        for message in messages:
+            if message["MessageId"] in failed_ids:
+                sqs.change_message_visibility(
+                    QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                )
+        report.batches += 1
+        report.received += len(messages)
+        report.succeeded += len(done)
+        report.failed += len(failed_ids)
+        if on_batch:
+            on_batch(report, len(messages), len(failed_ids))
+    return report
+
+
+def queue_depth(sqs: Any, queue_url: str) -> int:
+    """Messages on a queue, visible or in flight."""
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=queue_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessages"]) + int(
+        attributes["ApproximateNumberOfMessagesNotVisible"]
+    )
+
+
+@dataclass
+class RedriveReport:
+    method: str
+    moved: int
+    dry_run: bool
+
+
+def redrive(
+    sqs: Any, dlq_url: str, queue_url: str, *, dry_run: bool = False, use_move_task: bool = True
+) -> RedriveReport:
+    """Move the dead-letter queue's messages back to the retry queue.
+
+    Uses SQS's ``StartMessageMoveTask`` when ``use_move_task`` and the endpoint
+    has it (AWS does; moto does not), otherwise receives, sends and deletes,
+    keeping each message's body (with its generated content) and attributes.
+    A dry run only counts, changing nothing (not even receive counts).
+    """
+    waiting = queue_depth(sqs, dlq_url)
+    if dry_run or waiting == 0:
+        return RedriveReport(method="none", moved=waiting if dry_run else 0, dry_run=dry_run)
+    from botocore.exceptions import ClientError
+
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    if use_move_task:
+        try:
+            sqs.start_message_move_task(SourceArn=dlq_arn, DestinationArn=queue_arn)
+        except ClientError:
+            pass  # the endpoint has no move task: move the messages one at a time
+        else:
+            return RedriveReport(method="StartMessageMoveTask", moved=waiting, dry_run=False)
+
+    moved = 0
+    while True:
+        messages = sqs.receive_message(
+            QueueUrl=dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        if not messages:
+            break
+        for message in messages:
+            # Sent before it is deleted: a crash in between duplicates a message,
+            # which the worker's ledger deduplicates; it never loses one.
+            sqs.send_message(
+                QueueUrl=queue_url,
+                MessageBody=message["Body"],
+                MessageAttributes=message.get("MessageAttributes", {}),
+            )
+            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=message["ReceiptHandle"])
+            moved += 1
+    return RedriveReport(method="receive/send/delete", moved=moved, dry_run=False)
+
+
+def repo_path(relative: str) -> Path:
+    return REPO_ROOT / relative
