@@ -55,6 +55,9 @@ def db(engine: Engine) -> Iterator[Engine]:
     yield engine
     tables = ", ".join(table.name for table in metadata.sorted_tables)
     with engine.begin() as connection:
+        # A test that leaked an open transaction fails here, loudly, instead of
+        # the whole run waiting forever for its locks.
+        connection.execute(text("SET LOCAL lock_timeout = '10s'"))
         connection.execute(text(f"TRUNCATE {tables} CASCADE"))
 
 

@@ -140,6 +140,13 @@ def _task_not_found(exc: TaskNotFoundError) -> Response[ErrorResponse]:
     return _error(404, "task not found")
 
 
+@app.not_found
+def _no_such_route(exc: Exception) -> Response[ErrorResponse]:
+    # Also what a roadmap id no route can match (a '"' or '/', say) gets: an
+    # unknown roadmap, in the same words as any other.
+    return _error(404, "not found")
+
+
 @app.exception_handler(RoadmapNotFoundError)
 def _roadmap_not_found(exc: RoadmapNotFoundError) -> Response[ErrorResponse]:
     return _error(404, "roadmap not found")

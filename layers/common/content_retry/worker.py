@@ -89,6 +89,9 @@ def default_worker_dependencies() -> WorkerDependencies:
 class _Prepared:
     message: RetryMessage | None = None
     invalid_reason: str | None = None
+    # Every item of this message is also in an earlier record of the batch
+    # (SQS delivered it twice at once): acknowledged without an LLM call.
+    duplicate: bool = False
     started: dict[ContentType, StartedItem] = field(default_factory=dict)
     start_failed: str | None = None
 
@@ -160,10 +163,14 @@ class RetryBatch:
                 prepared.invalid_reason = _validation_summary(exc)
                 continue
             message = prepared.message
-            keys += [
+            message_keys = [
                 ItemKey(str(message.task_id), message.concept.concept_id, item.content_type)
                 for item in message.items
             ]
+            if set(message_keys) <= set(keys):
+                prepared.duplicate = True
+                continue
+            keys += [key for key in message_keys if key not in keys]
         try:
             with self.database.transaction() as session:
                 started = ledger.start_items(session, keys)
@@ -173,7 +180,7 @@ class RetryBatch:
                 prepared.start_failed = f"database unavailable: {exc!r}"
             return
         for prepared in self.prepared.values():
-            if prepared.message is not None:
+            if prepared.message is not None and not prepared.duplicate:
                 for item in prepared.message.items:
                     key = ItemKey(
                         str(prepared.message.task_id),
@@ -194,6 +201,12 @@ class RetryBatch:
             return
         message = prepared.message
         assert message is not None
+        if prepared.duplicate:
+            logger.info(
+                "retry_item_skipped",
+                extra={"message_id": record.messageId, "reason": "duplicate_in_batch"},
+            )
+            return
         if prepared.start_failed is not None:
             raise TransientGenerationError(prepared.start_failed)
         unknown = [ct.value for ct, item in prepared.started.items() if item.status_before is None]

@@ -1,0 +1,356 @@
+"""B6: peak server connections of concurrent generate workers, through PgBouncer.
+
+What it measures: 20 concurrent workers (threads, each with its own engine
+from ``build_engine(pool_size=1)``, as each Lambda container has its own)
+save items through ``handle_retry_batch``, first straight to PostgreSQL, then
+through PgBouncer in transaction pooling mode with ``default_pool_size = 10``
+(what RDS Proxy does in production). A separate process samples
+``pg_stat_activity`` every 2 ms from its own direct connection, counting the
+client backends of the benchmark's database (its own connection is to
+another database, so it never counts itself). Reported: peak server
+connections per worker, and peak against PgBouncer's pool size.
+
+Why the baseline is fair: the direct run is the same workers, data and
+batches without the pooler; it shows what each worker holds (the goal: at
+most one connection per worker), and the PgBouncer run shows that the
+worker pins nothing (no session state, no prepared statements, no
+``SET``), so the pooler can share server connections between them and the
+database never sees more than the pool.
+
+Needs ``pgbouncer`` (Debian package ``pgbouncer``); prints
+``skipped: pgbouncer not installed`` without it. PgBouncer refuses to run as
+root, so as root it runs as the ``pgserver`` user the pgserver wheel creates
+(or ``postgres``), with its files in a temporary folder that user owns.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+from moto import mock_aws
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from benchmarks.b3_save import BATCH_SIZE, sqs_events
+from benchmarks.data import add_lost_tutorials_roadmap
+from benchmarks.harness import BenchEnv, Result, quiet_powertools, say, settings_for
+from content_retry import ledger
+from content_retry.database import build_engine
+from content_retry.generators.template import TemplateGenerator
+from content_retry.local.template import create_queues
+from content_retry.messages import Preferences, messages_for_plan
+from content_retry.plan import RetryPlan, build_retry_plan
+from content_retry.worker import WorkerDependencies, handle_retry_batch
+
+ID = "B6"
+WHAT = "server connections of 20 concurrent workers, direct and through PgBouncer"
+GOAL = "<=1 per worker; never above the pool (10)"
+DATABASE = "bench_b6"
+WORKERS = 20
+POOL_SIZE = 10
+PGBOUNCER_PORT = 6432
+SAMPLE_EVERY_SECONDS = 0.002
+
+
+# --- the sampler (a separate process, so the workers' GIL does not slow it) ------------------
+
+
+def sample_connections(
+    unix_sock: str, database: str, ready: Event, stop: Event, results: Any
+) -> None:
+    """Count ``database``'s client backends until ``stop``; put (peak, samples)."""
+    import pg8000.native
+
+    connection = pg8000.native.Connection(user="postgres", database="postgres", unix_sock=unix_sock)
+    peak = samples = 0
+    ready.set()
+    while not stop.is_set():
+        ((count,),) = connection.run(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND datname = :database",
+            database=database,
+        )
+        peak, samples = max(peak, count), samples + 1
+        time.sleep(SAMPLE_EVERY_SECONDS)
+    connection.close()
+    results.put((peak, samples))
+
+
+class Sampler:
+    """Runs :func:`sample_connections` in a spawned process around a block."""
+
+    def __init__(self, unix_sock: str) -> None:
+        self.unix_sock = unix_sock
+        self.peak = self.samples = 0
+
+    def __enter__(self) -> Sampler:
+        context = multiprocessing.get_context("spawn")
+        self._ready, self._stop = context.Event(), context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(
+            target=sample_connections,
+            args=(self.unix_sock, DATABASE, self._ready, self._stop, self._results),
+            daemon=True,
+        )
+        self._process.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the pg_stat_activity sampler did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.peak, self.samples = self._results.get(timeout=30)
+        self._process.join(timeout=10)
+
+
+# --- PgBouncer -----------------------------------------------------------------------------
+
+
+def _service_user() -> pwd.struct_passwd | None:
+    """The user PgBouncer runs as: this one, or (as root) pgserver or postgres."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("pgserver", "postgres"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError("running as root and neither a pgserver nor a postgres user exists")
+
+
+class PgBouncer:
+    """PgBouncer in a temporary folder, in front of the embedded PostgreSQL."""
+
+    def __init__(self, executable: str, socket_dir: str, port: int) -> None:
+        self.executable = executable
+        self.backend_socket_dir, self.backend_port = socket_dir, port
+        self.folder = Path(tempfile.mkdtemp(prefix="content-retry-pgbouncer-"))
+        self.user = _service_user()
+
+    @property
+    def unix_sock(self) -> str:
+        return str(self.folder / f".s.PGSQL.{PGBOUNCER_PORT}")
+
+    def url(self, database: str) -> str:
+        return f"postgresql+pg8000://postgres@/{database}?unix_sock={self.unix_sock}"
+
+    def _write_config(self) -> Path:
+        (self.folder / "userlist.txt").write_text('"postgres" ""\n')
+        config = self.folder / "pgbouncer.ini"
+        config.write_text(
+            "\n".join(
+                [
+                    "[databases]",
+                    f"{DATABASE} = host={self.backend_socket_dir} port={self.backend_port} "
+                    f"dbname={DATABASE} user=postgres",
+                    "[pgbouncer]",
+                    "listen_addr =",
+                    f"listen_port = {PGBOUNCER_PORT}",
+                    f"unix_socket_dir = {self.folder}",
+                    "auth_type = trust",
+                    f"auth_file = {self.folder / 'userlist.txt'}",
+                    "pool_mode = transaction",
+                    f"default_pool_size = {POOL_SIZE}",
+                    "min_pool_size = 0",
+                    "reserve_pool_size = 0",
+                    "max_client_conn = 200",
+                    f"logfile = {self.folder / 'pgbouncer.log'}",
+                    f"pidfile = {self.folder / 'pgbouncer.pid'}",
+                    "",
+                ]
+            )
+        )
+        if self.user is not None:
+            for path in (self.folder, *self.folder.iterdir()):
+                os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        return config
+
+    def __enter__(self) -> PgBouncer:
+        config = self._write_config()
+        self.process = subprocess.Popen(
+            [self.executable, str(config)],
+            user=self.user.pw_uid if self.user else None,
+            group=self.user.pw_gid if self.user else None,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 10
+        while not Path(self.unix_sock).exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                log = self.folder / "pgbouncer.log"
+                raise RuntimeError(
+                    f"pgbouncer did not start: {log.read_text() if log.exists() else ''}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- the workers ---------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """One concurrent generate worker: its own engine, roadmap and events."""
+
+    number: int
+    plan: RetryPlan
+    events: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+
+    def prepare(self, engine: Engine) -> None:
+        """A new task over the worker's plan, as SQS events (untimed)."""
+        with Session(engine) as session, session.begin():
+            task_id = ledger.create_task(session, self.plan, trigger="invoke", preferences={})
+        bodies = [m.to_body() for m in messages_for_plan(task_id, self.plan, Preferences())]
+        self.events = sqs_events(bodies, BATCH_SIZE)
+
+    def run(self, url: str, deps_template: WorkerDependencies, start: threading.Barrier) -> None:
+        engine = build_engine(settings_for(url), pool_size=1)
+        deps = WorkerDependencies(
+            engine=engine,
+            sqs=deps_template.sqs,
+            settings=deps_template.settings,
+            generator=deps_template.generator,
+        )
+        try:
+            start.wait()
+            for event in self.events:
+                response = handle_retry_batch(event, None, deps)
+                assert not response["batchItemFailures"], response
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            engine.dispose()
+
+
+def _run_workers(
+    workers: list[Worker], url: str, deps: WorkerDependencies, unix_sock: str
+) -> tuple[int, int, float]:
+    """All workers at once, sampled; returns (peak connections, samples, seconds)."""
+    start = threading.Barrier(len(workers) + 1)
+    threads = [
+        threading.Thread(target=worker.run, args=(url, deps, start), name=f"worker-{worker.number}")
+        for worker in workers
+    ]
+    with Sampler(unix_sock) as sampler:
+        for thread in threads:
+            thread.start()
+        started = time.perf_counter()
+        start.wait()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+    errors = [worker.error for worker in workers if worker.error is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} worker(s) failed, the first: {errors[0]!r}")
+    return sampler.peak, sampler.samples, seconds
+
+
+def _wait_until_idle(env: BenchEnv, timeout: float = 10) -> None:
+    """Wait until the benchmark's database has no connection left (a closed
+    connection's backend exits a moment after the client closed it)."""
+    connection = env.postgres.connect()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cursor = connection.cursor()
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND datname = %s",
+                (DATABASE,),
+            )
+            (count,) = cursor.fetchone()
+            connection.rollback()
+            if count == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{DATABASE} still has {count} connection(s)")
+    finally:
+        connection.close()
+
+
+def run(env: BenchEnv) -> Result:
+    executable = shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+    )
+    if executable is None:
+        say("skipped: pgbouncer not installed")
+        return Result(ID, WHAT, GOAL, "skipped: pgbouncer not installed", None)
+
+    postgres = env.postgres
+    concepts = 10 if env.quick else 25
+    direct_url = postgres.create_database(DATABASE)
+    setup_engine = build_engine(settings_for(direct_url), pool_size=1)
+    workers: list[Worker] = []
+    with mock_aws():
+        import boto3
+
+        sqs = boto3.client("sqs", region_name="us-east-1")
+        queue_url, dlq_url = create_queues(sqs)
+        deps = WorkerDependencies(
+            engine=setup_engine,
+            sqs=sqs,
+            settings=settings_for(direct_url, RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url),
+            generator=TemplateGenerator(),
+        )
+        for number in range(WORKERS):
+            roadmap_id = f"pool-{number}"
+            with Session(setup_engine) as session, session.begin():
+                add_lost_tutorials_roadmap(session, roadmap_id, concepts)
+            with Session(setup_engine) as session, session.begin():
+                workers.append(Worker(number, build_retry_plan(session, roadmap_id)))
+
+        peaks: dict[str, int] = {}
+        with quiet_powertools(), PgBouncer(executable, postgres.socket_dir, postgres.port) as pool:
+            for name, url in (("direct", direct_url), ("pgbouncer", pool.url(DATABASE))):
+                for worker in workers:
+                    worker.prepare(setup_engine)
+                setup_engine.dispose()  # its connection is not a worker's
+                _wait_until_idle(env)
+                peak, samples, seconds = _run_workers(workers, url, deps, postgres.unix_sock)
+                peaks[name] = peak
+                items = sum(worker.plan.item_count for worker in workers)
+                say(
+                    f"{name:<9}: {WORKERS} workers saved {items} items in {seconds:.1f} s; "
+                    f"peak {peak} server connections = {peak / WORKERS:.2f} per worker "
+                    f"({samples} samples)"
+                )
+        setup_engine.dispose()
+
+    per_worker = max(peaks.values()) / WORKERS
+    met = per_worker <= 1 and peaks["pgbouncer"] <= POOL_SIZE
+    say(
+        f"through PgBouncer: peak {peaks['pgbouncer']} of a pool of {POOL_SIZE} "
+        f"({peaks['pgbouncer'] / POOL_SIZE:.1f}x the pool); direct: {peaks['direct']} for "
+        f"{WORKERS} workers"
+    )
+    return Result(
+        ID,
+        WHAT,
+        GOAL,
+        f"direct {peaks['direct'] / WORKERS:.2f}/worker; PgBouncer {peaks['pgbouncer']} = "
+        f"{peaks['pgbouncer'] / WORKERS:.2f}/worker, {peaks['pgbouncer'] / POOL_SIZE:.1f}x pool",
+        met,
+    )

@@ -1,0 +1,369 @@
+"""A seeded fault-injection run: faults at set rates, the system driven to rest,
+and every invariant checked. Replay a failure with RELIABILITY_SEED=<seed>.
+
+Faults: LLM throttling and timeouts, permanent LLM errors (some items never
+succeed), malformed LLM output, the database connection killed between
+generation and save, duplicate deliveries (within a batch and across
+batches), invocations cut off for time, and SQS send failures in detect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from content_retry.aws import BEDROCK_MAX_ATTEMPTS
+from content_retry.content_types import STORAGE, ContentType
+from content_retry.detect import default_dependencies
+from content_retry.generated import ContentModel
+from content_retry.generators import (
+    MalformedOutputError,
+    PermanentGenerationError,
+    TransientGenerationError,
+)
+from content_retry.generators.template import TemplateGenerator
+from content_retry.local.lambda_runtime import redrive
+from content_retry.local.seed import ConceptSeed, insert_roadmap, single_module_framework
+from content_retry.local.template import resource
+from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from content_retry.retries import start_retry, sweep
+from content_retry.worker import WorkerDependencies, handle_retry_batch
+from tests.conftest import FakeLambdaContext, Queues
+
+SEED = int(os.environ.get("RELIABILITY_SEED", "20261127"))
+ROADMAPS = 10
+CONCEPTS = 20
+RATES = {
+    "llm_throttled": 0.12,
+    "llm_timeout": 0.05,
+    "llm_malformed": 0.05,
+    "doomed_item": 0.03,  # share of items whose LLM call always fails for good
+    "db_killed_before_save": 0.04,
+    "duplicate_delivery": 0.15,
+    "invocation_cut_off": 0.08,
+    "sqs_send_failed": 0.08,
+}
+MAX_RECEIVE_COUNT = int(resource("RetryQueue")["Properties"]["RedrivePolicy"]["maxReceiveCount"])
+MAX_ROUNDS = 8
+
+Item = tuple[str, str, str]  # roadmap, concept, content type
+
+
+@dataclass
+class Faults:
+    rng: random.Random
+    injected: Counter[str] = field(default_factory=Counter)
+
+    def roll(self, kind: str) -> bool:
+        hit = self.rng.random() < RATES[kind]
+        if hit:
+            self.injected[kind] += 1
+        return hit
+
+
+class FaultyGenerator:
+    """The template generator, failing at the set rates; counts calls per item."""
+
+    name = "faulty"
+
+    def __init__(self, faults: Faults, doomed: set[Item], database_url: str) -> None:
+        self.faults = faults
+        self.doomed = doomed
+        self.calls: Counter[Item] = Counter()
+        self._template = TemplateGenerator()
+        self._killer = create_engine(database_url, poolclass=NullPool)
+
+    def generate(
+        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+    ) -> ContentModel:
+        # concept ids are "r<roadmap>-c<n>": unique across roadmaps
+        item = (concept.concept_id.split("-")[0], concept.concept_id, content_type.value)
+        self.calls[item] += 1
+        if item in self.doomed:
+            self.faults.injected["llm_permanent"] += 1
+            raise PermanentGenerationError("ValidationException: the model refuses this concept")
+        if self.faults.roll("llm_throttled"):
+            raise TransientGenerationError("ThrottlingException")
+        if self.faults.roll("llm_timeout"):
+            raise TransientGenerationError("ReadTimeoutError")
+        if self.faults.roll("llm_malformed"):
+            raise MalformedOutputError("answer is not JSON")
+        content = self._template.generate(concept, content_type, preferences)
+        if self.faults.roll("db_killed_before_save"):
+            with self._killer.begin() as connection:
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                        "datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND backend_type = 'client backend'"
+                    )
+                )
+        return content
+
+
+class FaultySqs:
+    """moto's SQS whose SendMessageBatch fails entries at the set rate."""
+
+    def __init__(self, sqs: Any, faults: Faults) -> None:
+        self._sqs = sqs
+        self.faults = faults
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:
+        failed = [entry for entry in Entries if self.faults.roll("sqs_send_failed")]
+        sent = [entry for entry in Entries if entry not in failed]
+        response = self._sqs.send_message_batch(QueueUrl=QueueUrl, Entries=sent) if sent else {}
+        return {
+            "Successful": response.get("Successful", []),
+            "Failed": [
+                {
+                    "Id": e["Id"],
+                    "SenderFault": False,
+                    "Code": "ServiceUnavailable",
+                    "Message": "injected",
+                }
+                for e in failed
+            ],
+        }
+
+
+@dataclass
+class Run:
+    queues: Queues
+    deps: WorkerDependencies
+    generator: FaultyGenerator
+    faults: Faults
+    enqueues: Counter[Item] = field(default_factory=Counter)
+    invocations: int = 0
+
+    def drain(self) -> None:
+        """Lambda's poller, with duplicate deliveries and invocations cut off for time."""
+        sqs, url = self.queues.sqs, self.queues.queue_url
+        for _ in range(2_000):
+            messages = sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=5, WaitTimeSeconds=0, AttributeNames=["All"]
+            ).get("Messages", [])
+            if not messages:
+                return
+            records = [
+                {
+                    "messageId": m["MessageId"],
+                    "receiptHandle": m["ReceiptHandle"],
+                    "body": m["Body"],
+                    "attributes": {
+                        "ApproximateReceiveCount": m["Attributes"]["ApproximateReceiveCount"],
+                        "SentTimestamp": "0",
+                        "SenderId": "x",
+                        "ApproximateFirstReceiveTimestamp": "0",
+                    },
+                    "messageAttributes": {},
+                    "md5OfBody": "",
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
+                    "awsRegion": "us-east-1",
+                }
+                for m in messages
+            ]
+            if self.faults.roll("duplicate_delivery"):  # the same message twice in one batch
+                records.append({**records[0], "messageId": records[0]["messageId"] + "-dup"})
+            if self.faults.roll("duplicate_delivery"):  # and again, later
+                sqs.send_message(QueueUrl=url, MessageBody=messages[-1]["Body"])
+            context = FakeLambdaContext()
+            if self.faults.roll("invocation_cut_off"):
+                context.remaining_ms = 5_000  # less than one LLM call's budget
+            response = handle_retry_batch({"Records": records}, context, self.deps)
+            self.invocations += 1
+            failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+            for message in messages:
+                if message["MessageId"] in failed:
+                    sqs.change_message_visibility(
+                        QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+                    )
+                else:
+                    sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        raise AssertionError("the queue did not drain in 2,000 batches")
+
+    def redrive(self) -> int:
+        dead = self.queues.sqs.receive_message(
+            QueueUrl=self.queues.dlq_url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=0,
+        ).get("Messages", [])
+        for message in dead:
+            body = RetryMessage.model_validate_json(message["Body"])
+            for item in body.items:
+                self.enqueues[
+                    (body.roadmap_id, body.concept.concept_id, item.content_type.value)
+                ] += 1
+        return redrive(
+            self.queues.sqs, self.queues.dlq_url, self.queues.queue_url, use_move_task=False
+        ).moved
+
+
+def test_under_injected_faults_nothing_is_lost_or_saved_twice(
+    session: Session, db: Engine, queues: Queues, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(SEED)
+    faults = Faults(rng)
+    print(f"\nreliability run: seed={SEED} roadmaps={ROADMAPS} concepts={CONCEPTS} rates={RATES}")
+    monkeypatch.setattr("content_retry.queue.time.sleep", lambda seconds: None)
+
+    # GIVEN N roadmaps x M concepts, every item missing, a few doomed to fail for good
+    items: set[Item] = set()
+    for r in range(ROADMAPS):
+        concepts = [
+            ConceptSeed(f"r{r}-c{c}", f"Concept {r}.{c}", f"About concept {r}.{c}.")
+            for c in range(CONCEPTS)
+        ]
+        insert_roadmap(
+            session, f"r{r}", f"u-{r}", single_module_framework(concepts), age_minutes=120
+        )
+        items |= {(f"r{r}", f"r{r}-c{c}", t.value) for c in range(CONCEPTS) for t in ContentType}
+    session.commit()
+    doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
+    detect = default_dependencies()
+    generator = FaultyGenerator(faults, doomed, database_url)
+    run = Run(
+        queues=queues,
+        deps=WorkerDependencies(detect.engine, queues.sqs, detect.settings, generator),
+        generator=generator,
+        faults=faults,
+    )
+    detect.sqs = FaultySqs(queues.sqs, faults)
+
+    # WHEN every roadmap is retried through detect, then the system is driven to
+    # rest: drain, re-drive the DLQ, and sweep once the claims have expired
+    for r in range(ROADMAPS):
+        start_retry(detect, f"r{r}", trigger="api")
+    for round_number in range(MAX_ROUNDS):
+        run.drain()
+        while run.redrive():
+            run.drain()
+        with db.begin() as connection:  # time passes: leases and cooldowns expire
+            connection.execute(
+                text("UPDATE retry_items SET claimed_at = claimed_at - interval '1 day'")
+            )
+            connection.execute(
+                text("UPDATE retry_tasks SET created_at = created_at - interval '1 day'")
+            )
+        swept = sweep(detect)
+        print(f"round {round_number}: sweep planned {swept.retried_count} item(s)")
+        with db.connect() as connection:
+            pending = {
+                (row.roadmap_id, row.concept_id, row.content_type)
+                for row in connection.execute(
+                    text(
+                        "SELECT roadmap_id, concept_id, content_type FROM retry_items "
+                        "WHERE status IN ('queued', 'running')"
+                    )
+                )
+            }
+        if pending <= doomed and swept.retried_count <= len(doomed):
+            run.drain()
+            break
+    with db.connect() as connection:
+        for row in connection.execute(
+            text("SELECT roadmap_id, concept_id, content_type FROM retry_items")
+        ):
+            run.enqueues[(row.roadmap_id, row.concept_id, row.content_type)] += 1
+
+    # THEN every item ended completed, or failed with a reason; none is lost
+    with db.connect() as connection:
+        rows: dict[Item, list[tuple[int, bool, str]]] = {}
+        for content_type in ContentType:
+            for row in connection.execute(
+                text(
+                    f"SELECT roadmap_id, concept_id, content_version, is_latest, content_status FROM {STORAGE[content_type].table}"
+                )
+            ):
+                rows.setdefault((row.roadmap_id, row.concept_id, content_type.value), []).append(
+                    (row.content_version, row.is_latest, row.content_status)
+                )
+        latest_ledger = {
+            (row.roadmap_id, row.concept_id, row.content_type): (row.status, row.last_error)
+            for row in connection.execute(
+                text(
+                    "SELECT DISTINCT ON (i.roadmap_id, i.concept_id, i.content_type) i.roadmap_id, "
+                    "i.concept_id, i.content_type, i.status, i.last_error FROM retry_items AS i "
+                    "JOIN retry_tasks AS t USING (task_id) "
+                    "ORDER BY i.roadmap_id, i.concept_id, i.content_type, t.created_at DESC"
+                )
+            )
+        }
+        succeeded_items = {
+            (row.roadmap_id, row.concept_id, row.content_type)
+            for row in connection.execute(
+                text(
+                    "SELECT DISTINCT roadmap_id, concept_id, content_type FROM retry_items WHERE status = 'succeeded'"
+                )
+            )
+        }
+        frameworks = {
+            row.roadmap_id: row.framework_data
+            for row in connection.execute(
+                text("SELECT roadmap_id, framework_data FROM roadmap_metadata")
+            )
+        }
+    completed = {
+        item
+        for item, versions in rows.items()
+        if any(latest and status == "completed" for _, latest, status in versions)
+    }
+    failed = {
+        item for item, (status, error) in latest_ledger.items() if status == "failed" and error
+    }
+    lost = items - completed - failed
+    duplicates = {item: versions for item, versions in rows.items() if len(versions) > 1}
+    not_one_latest = {
+        item for item, versions in rows.items() if sum(latest for _, latest, _ in versions) != 1
+    }
+    dlq_left = queues.depth(queues.dlq_url)
+    disagreeing = []
+    for roadmap_id, framework in frameworks.items():
+        for concept in framework["stages"][0]["modules"][0]["concepts"]:
+            for content_type in ContentType:
+                item = (roadmap_id, concept["concept_id"], content_type.value)
+                status = concept.get(STORAGE[content_type].status_key)
+                expected = "completed" if item in completed else "failed"
+                if status != expected:
+                    disagreeing.append((item, status))
+    calls_bound = {
+        item: calls
+        for item, calls in generator.calls.items()
+        if calls > MAX_RECEIVE_COUNT * run.enqueues[item]
+        or calls > BEDROCK_MAX_ATTEMPTS * MAX_RECEIVE_COUNT
+    }
+    figures = {
+        "seed": SEED,
+        "items": len(items),
+        "completed": len(completed),
+        "failed_with_reason": len(failed),
+        "doomed": len(doomed),
+        "lost": len(lost),
+        "duplicate_versions": len(duplicates),
+        "dlq_left": dlq_left,
+        "invocations": run.invocations,
+        "llm_calls": sum(generator.calls.values()),
+        "max_llm_calls_per_item": max(generator.calls.values()),
+        "faults_injected": dict(sorted(faults.injected.items())),
+    }
+    print("reliability figures: " + json.dumps(figures))
+
+    assert lost == set(), f"lost items: {sorted(lost)[:10]}"
+    assert doomed <= failed
+    assert duplicates == {}
+    assert not_one_latest == set()
+    assert dlq_left == 0
+    assert succeeded_items == completed, "ledger and tables disagree"
+    assert disagreeing == [], disagreeing[:10]
+    assert calls_bound == {}, calls_bound
+    assert all(faults.injected[kind] for kind in RATES if kind != "doomed_item"), faults.injected
