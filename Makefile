@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 
 IAC    := .venv-iac
 
-.PHONY: demo test lint iac-lint check
+.PHONY: demo test lint bench iac-lint check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks
+	$(BIN)/bandit --quiet --recursive --severity-level medium layers/common functions
+
+## The benchmarks of docs/PERFORMANCE.md (figures as ratios against same-run baselines).
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 ## template.yaml: cfn-lint (0 errors, 0 warnings) and checkov (suppressions justified inline).
 ## Their own environment: checkov pins versions that would fight moto's.

@@ -26,16 +26,10 @@ root, so as root it runs as the ``pgserver`` user the pgserver wheel creates
 from __future__ import annotations
 
 import multiprocessing
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event
-from pathlib import Path
 from typing import Any
 
 from moto import mock_aws
@@ -48,6 +42,7 @@ from benchmarks.harness import BenchEnv, Result, quiet_powertools, say, settings
 from content_retry import ledger
 from content_retry.database import build_engine
 from content_retry.generators.template import TemplateGenerator
+from content_retry.local.pgbouncer import PgBouncer, find_pgbouncer
 from content_retry.local.template import create_queues
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.plan import RetryPlan, build_retry_plan
@@ -59,7 +54,6 @@ GOAL = "<=1 per worker; never above the pool (10)"
 DATABASE = "bench_b6"
 WORKERS = 20
 POOL_SIZE = 10
-PGBOUNCER_PORT = 6432
 SAMPLE_EVERY_SECONDS = 0.002
 
 
@@ -112,99 +106,6 @@ class Sampler:
         self._stop.set()
         self.peak, self.samples = self._results.get(timeout=30)
         self._process.join(timeout=10)
-
-
-# --- PgBouncer -----------------------------------------------------------------------------
-
-
-def _service_user() -> pwd.struct_passwd | None:
-    """The user PgBouncer runs as: this one, or (as root) pgserver or postgres."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("pgserver", "postgres"):
-        try:
-            return pwd.getpwnam(name)
-        except KeyError:
-            continue
-    raise RuntimeError("running as root and neither a pgserver nor a postgres user exists")
-
-
-class PgBouncer:
-    """PgBouncer in a temporary folder, in front of the embedded PostgreSQL."""
-
-    def __init__(self, executable: str, socket_dir: str, port: int) -> None:
-        self.executable = executable
-        self.backend_socket_dir, self.backend_port = socket_dir, port
-        self.folder = Path(tempfile.mkdtemp(prefix="content-retry-pgbouncer-"))
-        self.user = _service_user()
-
-    @property
-    def unix_sock(self) -> str:
-        return str(self.folder / f".s.PGSQL.{PGBOUNCER_PORT}")
-
-    def url(self, database: str) -> str:
-        return f"postgresql+pg8000://postgres@/{database}?unix_sock={self.unix_sock}"
-
-    def _write_config(self) -> Path:
-        (self.folder / "userlist.txt").write_text('"postgres" ""\n')
-        config = self.folder / "pgbouncer.ini"
-        config.write_text(
-            "\n".join(
-                [
-                    "[databases]",
-                    f"{DATABASE} = host={self.backend_socket_dir} port={self.backend_port} "
-                    f"dbname={DATABASE} user=postgres",
-                    "[pgbouncer]",
-                    "listen_addr =",
-                    f"listen_port = {PGBOUNCER_PORT}",
-                    f"unix_socket_dir = {self.folder}",
-                    "auth_type = trust",
-                    f"auth_file = {self.folder / 'userlist.txt'}",
-                    "pool_mode = transaction",
-                    f"default_pool_size = {POOL_SIZE}",
-                    "min_pool_size = 0",
-                    "reserve_pool_size = 0",
-                    "max_client_conn = 200",
-                    f"logfile = {self.folder / 'pgbouncer.log'}",
-                    f"pidfile = {self.folder / 'pgbouncer.pid'}",
-                    "",
-                ]
-            )
-        )
-        if self.user is not None:
-            for path in (self.folder, *self.folder.iterdir()):
-                os.chown(path, self.user.pw_uid, self.user.pw_gid)
-        return config
-
-    def __enter__(self) -> PgBouncer:
-        config = self._write_config()
-        self.process = subprocess.Popen(
-            [self.executable, str(config)],
-            user=self.user.pw_uid if self.user else None,
-            group=self.user.pw_gid if self.user else None,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 10
-        while not Path(self.unix_sock).exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                log = self.folder / "pgbouncer.log"
-                raise RuntimeError(
-                    f"pgbouncer did not start: {log.read_text() if log.exists() else ''}"
-                )
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # --- the workers ---------------------------------------------------------------------------
@@ -292,10 +193,7 @@ def _wait_until_idle(env: BenchEnv, timeout: float = 10) -> None:
 
 
 def run(env: BenchEnv) -> Result:
-    executable = shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
-    )
-    if executable is None:
+    if find_pgbouncer() is None:
         say("skipped: pgbouncer not installed")
         return Result(ID, WHAT, GOAL, "skipped: pgbouncer not installed", None)
 
@@ -323,7 +221,10 @@ def run(env: BenchEnv) -> Result:
                 workers.append(Worker(number, build_retry_plan(session, roadmap_id)))
 
         peaks: dict[str, int] = {}
-        with quiet_powertools(), PgBouncer(executable, postgres.socket_dir, postgres.port) as pool:
+        with (
+            quiet_powertools(),
+            PgBouncer(postgres.socket_dir, postgres.port, [DATABASE], pool_size=POOL_SIZE) as pool,
+        ):
             for name, url in (("direct", direct_url), ("pgbouncer", pool.url(DATABASE))):
                 for worker in workers:
                     worker.prepare(setup_engine)

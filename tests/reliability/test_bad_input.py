@@ -132,6 +132,31 @@ def test_bad_bodies_get_their_answer_and_write_nothing(
     assert writes(db) == before
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["multipart/form-data", "application/x-www-form-urlencoded", "text/plain; charset=utf-8"],
+)
+def test_a_body_that_is_not_json_by_media_type_is_415(
+    session: Session,
+    db: Engine,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    content_type: str,
+) -> None:
+    scenario = seed_scenario(session)
+    session.commit()
+    event = retry_event(load_event, scenario.roadmap_id, "content_types=tutorial")
+    event["headers"] = {"content-type": content_type}
+    before = writes(db)
+
+    response = detect_handler(event, lambda_context)
+
+    assert response["statusCode"] == 415
+    assert "application/json" in json.loads(response["body"])["message"]
+    assert writes(db) == before
+
+
 def test_identity_cannot_come_from_the_body_or_headers(
     session: Session, db: Engine, queues: Queues, load_event: Any, lambda_context: FakeLambdaContext
 ) -> None:

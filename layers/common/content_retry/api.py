@@ -258,19 +258,30 @@ def handle_api_event(
 ) -> dict[str, Any]:
     """Answer one API Gateway REST proxy event.
 
-    The caller and the body size are checked before routing, so a request
-    without identity gets 401 whatever else is wrong with it.
+    The caller, the body's size and its media type are checked before routing,
+    so a request without identity gets 401 whatever else is wrong with it.
     """
     if caller_identity(event) is None:
         return _raw(401, ErrorResponse(message="no caller identity: sign in"))
     body = event.get("body") or ""
     if len(body.encode() if isinstance(body, str) else body) > MAX_BODY_BYTES:
         return _raw(413, ErrorResponse(message=f"the request body exceeds {MAX_BODY_BYTES} bytes"))
+    if body and not _is_json(event.get("headers") or {}):
+        return _raw(415, ErrorResponse(message="send the request body as application/json"))
     app.append_context(deps=deps)
     try:
         return app.resolve(event, context)  # type: ignore[arg-type]
     finally:
         app.clear_context()
+
+
+def _is_json(headers: dict[str, Any]) -> bool:
+    """Whether a request's Content-Type is JSON (or absent: JSON is assumed)."""
+    content_type = next(
+        (str(value) for name, value in headers.items() if name.lower() == "content-type"), ""
+    )
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type in ("", "application/json") or media_type.endswith("+json")
 
 
 def _raw(status: int, body: ErrorResponse) -> dict[str, Any]:

@@ -63,7 +63,7 @@ saved AS (
 ),
 framework AS ({PATCH_CONCEPTS_SQL} AND EXISTS (SELECT 1 FROM saved) RETURNING 1)
 SELECT (SELECT content_version FROM saved) AS version
-"""  # noqa: S608 - table and column names come from STORAGE; values are bound
+"""  # noqa: S608 - table and column names come from STORAGE; values are bound  # nosec B608
     )
 
 

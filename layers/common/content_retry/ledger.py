@@ -110,7 +110,7 @@ class ItemKey:
 
 # Per content type: does a completed latest row newer than the task exist?
 _COMPLETED_SINCE_TASK = " ".join(
-    f"WHEN '{content_type.value}' THEN EXISTS (SELECT 1 FROM {STORAGE[content_type].table} AS c "  # noqa: S608
+    f"WHEN '{content_type.value}' THEN EXISTS (SELECT 1 FROM {STORAGE[content_type].table} AS c "  # noqa: S608  # nosec B608
     "WHERE c.roadmap_id = i.roadmap_id AND c.concept_id = i.concept_id AND c.is_latest "
     "AND c.content_status = 'completed' AND c.created_at > t.created_at)"
     for content_type in ContentType
@@ -141,7 +141,7 @@ updated AS (
 SELECT c.task_id, c.concept_id, c.content_type, c.status, c.completed_since_task,
        coalesce(u.attempts, 0) AS attempts
 FROM current AS c LEFT JOIN updated AS u USING (task_id, concept_id, content_type)
-"""  # noqa: S608 - table names come from STORAGE; values are bound
+"""  # noqa: S608 - table names come from STORAGE; values are bound  # nosec B608
 )
 
 

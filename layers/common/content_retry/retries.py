@@ -183,7 +183,7 @@ ORDER BY (SELECT max(t.created_at) FROM retry_tasks AS t WHERE t.roadmap_id = r.
          NULLS FIRST,
          r.updated_at
 LIMIT :limit
-"""  # noqa: S608 - a constant predicate; values are bound
+"""  # noqa: S608 - a constant predicate; values are bound  # nosec B608
 )
 
 

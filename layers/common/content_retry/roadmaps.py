@@ -66,7 +66,7 @@ SET framework_data = jsonb_set(r.framework_data, '{{stages}}', (
     ELSE s.stage END
     ORDER BY s.i), '[]'::jsonb)
   FROM jsonb_array_elements(r.framework_data -> 'stages') WITH ORDINALITY AS s(stage, i)))
-WHERE r.roadmap_id = :roadmap_id AND jsonb_typeof(r.framework_data -> 'stages') = 'array'"""  # noqa: S608 - constant fragments; values are bound
+WHERE r.roadmap_id = :roadmap_id AND jsonb_typeof(r.framework_data -> 'stages') = 'array'"""  # noqa: S608 - constant fragments; values are bound  # nosec B608
 
 _PATCH_CONCEPTS = text(PATCH_CONCEPTS_SQL)
 

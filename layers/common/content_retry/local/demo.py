@@ -111,7 +111,7 @@ class Demo:
             for table in CONTENT_TABLES:
                 rows = connection.execute(
                     text(
-                        f"SELECT content_status, count(*) AS n FROM {table} "  # noqa: S608 - constant names
+                        f"SELECT content_status, count(*) AS n FROM {table} "  # noqa: S608 - constant names  # nosec B608
                         "WHERE roadmap_id = :r AND is_latest GROUP BY content_status"
                     ),
                     {"r": SEED_ROADMAP_ID},

@@ -128,6 +128,32 @@ def make_server(port: int, *, dev_identity: bool) -> HTTPServer:
         def do_POST(self) -> None:
             self._api()
 
+        def _not_allowed(self) -> None:
+            path = urlsplit(self.path).path
+            allowed = [method for method, pattern, _ in ROUTES if pattern.match(path)]
+            if path in ("/", "/docs", "/openapi.json"):
+                allowed = ["GET"]
+            body = (
+                b""
+                if self.command == "HEAD"
+                else json.dumps(
+                    {
+                        "success": False,
+                        "message": f"method {self.command} not allowed",
+                        "errors": [],
+                    }
+                ).encode()
+            )
+            allow = {"Allow": ", ".join(allowed)} if allowed else None
+            self._send(HTTPStatus.METHOD_NOT_ALLOWED, body, "application/json", allow)
+
+        def __getattr__(self, name: str) -> Any:
+            # Any other method (PUT, TRACE, QUERY...): http.server looks up
+            # do_<METHOD> and would answer 501; the API answers 405 instead.
+            if name.startswith("do_"):
+                return self._not_allowed
+            raise AttributeError(name)
+
         def log_message(self, format: str, *args: Any) -> None:
             print(json.dumps({"event": "http_request", "line": format % args}))
 

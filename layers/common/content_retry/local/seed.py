@@ -191,7 +191,7 @@ def insert_content_row(
     cast = "CAST(:payload AS jsonb)" if content_type is not ContentType.TUTORIAL else ":payload"
     session.execute(
         text(
-            f"INSERT INTO {storage.table} (roadmap_id, concept_id, title, {payload_column}, "  # noqa: S608
+            f"INSERT INTO {storage.table} (roadmap_id, concept_id, title, {payload_column}, "  # noqa: S608  # nosec B608
             f"content_status, content_version, is_latest) VALUES (:roadmap_id, :concept_id, "
             f":title, {cast}, :status, :version, :is_latest)"
         ),

@@ -85,7 +85,7 @@ def _state_query(content_types: tuple[ContentType, ...]) -> str:
             ELSE min(content_status) END AS latest_status
 FROM {STORAGE[content_type].table}
 WHERE roadmap_id = :roadmap_id AND is_latest
-GROUP BY concept_id"""  # noqa: S608 - constants from STORAGE
+GROUP BY concept_id"""  # noqa: S608 - constants from STORAGE  # nosec B608
         for content_type in content_types
     )
     return f"""
@@ -130,7 +130,7 @@ WHERE l.latest_status IS DISTINCT FROM 'completed'
    OR c.concept ->> w.status_key IS NULL
    OR c.concept ->> w.status_key = 'failed'
 ORDER BY c.i, c.j, c.k, w.position
-"""  # noqa: S608 - constant fragments; values are bound
+"""  # noqa: S608 - constant fragments; values are bound  # nosec B608
 
 
 def build_retry_plan(
