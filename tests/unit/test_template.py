@@ -109,6 +109,9 @@ def test_runtime_architecture_and_layer_build() -> None:
         "Active",
     )
     assert layer["Metadata"]["BuildMethod"] == "python3.12"
+    # SnapStart is the deployer's choice; events always invoke the published alias
+    assert globals_["SnapStart"]["ApplyOn"].value == "SnapStart"
+    assert globals_["AutoPublishAlias"] == "live"
     assert (
         REPO_ROOT / layer["Properties"]["ContentUri"] / "content_retry" / "__init__.py"
     ).exists()

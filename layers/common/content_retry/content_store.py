@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from content_retry.content_types import STORAGE, ContentType
 from content_retry.generated import ContentModel, QuizContent, ResourcesContent, TutorialContent
 from content_retry.ledger import ItemKey
-from content_retry.roadmaps import PATCH_CONCEPTS_SQL
+from content_retry.roadmaps import array_or_empty
 
 
 @cache
@@ -61,7 +61,35 @@ saved AS (
   FROM item
   RETURNING content_version
 ),
-framework AS ({PATCH_CONCEPTS_SQL} AND EXISTS (SELECT 1 FROM saved) RETURNING 1)
+concept_path AS (
+  -- Where the concept sits in framework_data (its first listing).
+  SELECT ARRAY['stages', (s.i - 1)::text, 'modules', (m.j - 1)::text,
+               'concepts', (c.k - 1)::text] AS path
+  FROM roadmap_metadata AS r,
+       jsonb_array_elements({array_or_empty("r.framework_data -> 'stages'")})
+         WITH ORDINALITY AS s(stage, i),
+       jsonb_array_elements({array_or_empty("s.stage -> 'modules'")})
+         WITH ORDINALITY AS m(module, j),
+       jsonb_array_elements({array_or_empty("m.module -> 'concepts'")})
+         WITH ORDINALITY AS c(concept, k)
+  WHERE r.roadmap_id = :roadmap_id AND c.concept ->> 'concept_id' = :concept_id
+  ORDER BY s.i, m.j, c.k
+  LIMIT 1
+),
+framework AS (
+  -- jsonb_set at one path, not a rebuild of the whole tree. An UPDATE that
+  -- waited for another writer's lock re-reads the row, so statuses of other
+  -- concepts written meanwhile are kept; the concept_id check skips the
+  -- status (never the content) if the roadmap was restructured meanwhile.
+  UPDATE roadmap_metadata AS r
+  SET framework_data = jsonb_set(
+        r.framework_data, p.path || ARRAY['{storage.status_key}'], '"completed"'::jsonb, true)
+  FROM concept_path AS p
+  WHERE r.roadmap_id = :roadmap_id
+    AND r.framework_data #>> (p.path || ARRAY['concept_id']) = :concept_id
+    AND EXISTS (SELECT 1 FROM saved)
+  RETURNING 1
+)
 SELECT (SELECT content_version FROM saved) AS version
 """  # noqa: S608 - table and column names come from STORAGE; values are bound  # nosec B608
     )
@@ -102,9 +130,6 @@ def save_item(
             "roadmap_id": roadmap_id,
             "title": title,
             "payload": payload,
-            "patches": json.dumps(
-                {key.concept_id: {STORAGE[key.content_type].status_key: "completed"}}
-            ),
         },
     ).scalar_one()
     return version

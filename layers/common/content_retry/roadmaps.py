@@ -30,9 +30,12 @@ def lock_roadmap(session: Session, roadmap_id: str) -> RoadmapRef | None:
     return None if row is None else RoadmapRef(roadmap_id=roadmap_id, user_id=row.user_id)
 
 
-def _as_array(expression: str) -> str:
-    # jsonb_array_elements fails on anything but an array; a roadmap whose
-    # framework_data is malformed somewhere is patched where it is well-formed.
+def array_or_empty(expression: str) -> str:
+    """SQL for the jsonb array at ``expression``, or an empty one.
+
+    jsonb_array_elements fails on anything but an array: a framework_data that
+    is malformed in one place is then read (and patched) where it is well-formed.
+    """
     return f"CASE WHEN jsonb_typeof({expression}) = 'array' THEN {expression} ELSE '[]'::jsonb END"
 
 
@@ -57,11 +60,11 @@ SET framework_data = jsonb_set(r.framework_data, '{{stages}}', (
                    CAST(:patches AS jsonb) -> (c.concept ->> 'concept_id'), '{{}}'::jsonb)
                  ELSE c.concept END
             ORDER BY c.k), '[]'::jsonb)
-          FROM jsonb_array_elements({_as_array("m.module -> 'concepts'")})
+          FROM jsonb_array_elements({array_or_empty("m.module -> 'concepts'")})
                WITH ORDINALITY AS c(concept, k)))
         ELSE m.module END
         ORDER BY m.j), '[]'::jsonb)
-      FROM jsonb_array_elements({_as_array("s.stage -> 'modules'")})
+      FROM jsonb_array_elements({array_or_empty("s.stage -> 'modules'")})
            WITH ORDINALITY AS m(module, j)))
     ELSE s.stage END
     ORDER BY s.i), '[]'::jsonb)

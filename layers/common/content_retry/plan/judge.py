@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
 from content_retry.plan.models import ConceptContext, ConceptPlan, PlannedItem, Reason, RetryPlan
-from content_retry.roadmaps import lock_roadmap, patch_concept_statuses
+from content_retry.roadmaps import array_or_empty, lock_roadmap, patch_concept_statuses
 
 
 class RoadmapNotFoundError(LookupError):
@@ -64,28 +64,18 @@ def judge_item(framework_status: str | None, latest_status: str | None, claimed:
     return Judgement(Decision.RETRY, Reason.MISSING)
 
 
-def _array(expression: str) -> str:
-    # A malformed part of framework_data (not an array) contributes no concepts
-    # instead of failing the whole plan.
-    return f"CASE WHEN jsonb_typeof({expression}) = 'array' THEN {expression} ELSE '[]'::jsonb END"
-
-
 def _state_query(content_types: tuple[ContentType, ...]) -> str:
     wanted = ", ".join(
         f"('{content_type.value}', '{STORAGE[content_type].status_key}', {position})"
         for position, content_type in enumerate(content_types)
     )
-    # Several latest rows for one concept break the contract; if the platform
-    # wrote them anyway, one completed among them counts as completed.
-    # Table names and keys come from STORAGE, never from the caller.
+    # One latest row per concept at most: the unique partial index that db init
+    # creates holds the contract. Table names and keys come from STORAGE.
     latest = "\nUNION ALL\n".join(
         f"""SELECT '{content_type.value}' AS content_type, concept_id,
-       CASE WHEN bool_or(content_status = 'completed') THEN 'completed'
-            WHEN bool_or(content_status = 'failed') THEN 'failed'
-            ELSE min(content_status) END AS latest_status
+       content_status AS latest_status
 FROM {STORAGE[content_type].table}
-WHERE roadmap_id = :roadmap_id AND is_latest
-GROUP BY concept_id"""  # noqa: S608 - constants from STORAGE  # nosec B608
+WHERE roadmap_id = :roadmap_id AND is_latest"""  # noqa: S608 - constants from STORAGE  # nosec B608
         for content_type in content_types
     )
     return f"""
@@ -94,11 +84,11 @@ WITH concepts AS (
          s.stage ->> 'name' AS stage_name, m.module ->> 'name' AS module_name,
          s.i, m.j, c.k
   FROM roadmap_metadata AS r
-  CROSS JOIN LATERAL jsonb_array_elements({_array("r.framework_data -> 'stages'")})
+  CROSS JOIN LATERAL jsonb_array_elements({array_or_empty("r.framework_data -> 'stages'")})
        WITH ORDINALITY AS s(stage, i)
-  CROSS JOIN LATERAL jsonb_array_elements({_array("s.stage -> 'modules'")})
+  CROSS JOIN LATERAL jsonb_array_elements({array_or_empty("s.stage -> 'modules'")})
        WITH ORDINALITY AS m(module, j)
-  CROSS JOIN LATERAL jsonb_array_elements({_array("m.module -> 'concepts'")})
+  CROSS JOIN LATERAL jsonb_array_elements({array_or_empty("m.module -> 'concepts'")})
        WITH ORDINALITY AS c(concept, k)
   WHERE r.roadmap_id = :roadmap_id
     AND jsonb_typeof(c.concept) = 'object'
@@ -168,35 +158,41 @@ def build_retry_plan(
     rows = session.execute(
         text(_state_query(types)),
         {"roadmap_id": roadmap_id, "lease_minutes": claim_lease_minutes},
-    ).all()
+    )
 
     concepts: dict[str, ConceptPlan] = {}
     seen: set[tuple[str, str]] = set()
     repairs: dict[str, dict[str, str]] = {}
     claimed = 0
-    for row in rows:
-        key = (row.concept_id, row.content_type)
-        if key in seen:  # a concept listed twice in framework_data is planned once
+    by_name = {content_type.value: content_type for content_type in ContentType}
+    # Rows unpacked by position: at 10,000 concepts, attribute access by name
+    # was a third of the judge's time.
+    for (
+        content_type_name,
+        concept_id,
+        name,
+        description,
+        stage,
+        module,
+        framework_status,
+        latest_status,
+        is_claimed,
+    ) in rows:
+        if (concept_id, content_type_name) in seen:  # listed twice in framework_data
             continue
-        seen.add(key)
-        content_type = ContentType(row.content_type)
-        judgement = judge_item(row.framework_status, row.latest_status, row.claimed)
+        seen.add((concept_id, content_type_name))
+        content_type = by_name[content_type_name]
+        judgement = judge_item(framework_status, latest_status, is_claimed)
         if judgement.repair_framework_status:
-            repairs.setdefault(row.concept_id, {})[STORAGE[content_type].status_key] = "completed"
+            repairs.setdefault(concept_id, {})[STORAGE[content_type].status_key] = "completed"
         if judgement.decision is Decision.CLAIMED:
             claimed += 1
         if judgement.decision is not Decision.RETRY or judgement.reason is None:
             continue
-        concept = concepts.get(row.concept_id)
+        concept = concepts.get(concept_id)
         if concept is None:
-            concept = concepts[row.concept_id] = ConceptPlan(
-                concept=ConceptContext(
-                    concept_id=row.concept_id,
-                    name=row.name,
-                    description=row.description,
-                    stage=row.stage_name,
-                    module=row.module_name,
-                )
+            concept = concepts[concept_id] = ConceptPlan(
+                concept=ConceptContext(concept_id, name, description, stage, module)
             )
         concept.items.append(PlannedItem(content_type, judgement.reason))
 
