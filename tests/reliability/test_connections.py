@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from content_retry import ledger
 from content_retry.database import build_engine, create_missing
 from content_retry.generators.template import TemplateGenerator
+from content_retry.local.lambda_runtime import sqs_record
 from content_retry.local.pgbouncer import PgBouncer, find_pgbouncer
 from content_retry.local.postgres import start_embedded_postgres
 from content_retry.local.seed import ConceptSeed, insert_roadmap, single_module_framework
@@ -115,22 +116,7 @@ def prepare_work(server: Server, tag: str) -> list[list[dict[str, Any]]]:
             [
                 {
                     "Records": [
-                        {
-                            "messageId": f"{roadmap_id}-{start + n}",
-                            "receiptHandle": "r",
-                            "body": body,
-                            "attributes": {
-                                "ApproximateReceiveCount": "1",
-                                "SentTimestamp": "0",
-                                "SenderId": "x",
-                                "ApproximateFirstReceiveTimestamp": "0",
-                            },
-                            "messageAttributes": {},
-                            "md5OfBody": "",
-                            "eventSource": "aws:sqs",
-                            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
-                            "awsRegion": "us-east-1",
-                        }
+                        sqs_record(body, f"{roadmap_id}-{start + n}")
                         for n, body in enumerate(bodies[start : start + BATCH])
                     ]
                 }

@@ -31,7 +31,7 @@ from content_retry.generators import (
     TransientGenerationError,
 )
 from content_retry.generators.template import TemplateGenerator
-from content_retry.local.lambda_runtime import redrive
+from content_retry.local.lambda_runtime import redrive, sqs_record
 from content_retry.local.seed import ConceptSeed, insert_roadmap, single_module_framework
 from content_retry.local.template import resource
 from content_retry.messages import MessageConcept, Preferences, RetryMessage
@@ -154,22 +154,12 @@ class Run:
             if not messages:
                 return
             records = [
-                {
-                    "messageId": m["MessageId"],
-                    "receiptHandle": m["ReceiptHandle"],
-                    "body": m["Body"],
-                    "attributes": {
-                        "ApproximateReceiveCount": m["Attributes"]["ApproximateReceiveCount"],
-                        "SentTimestamp": "0",
-                        "SenderId": "x",
-                        "ApproximateFirstReceiveTimestamp": "0",
-                    },
-                    "messageAttributes": {},
-                    "md5OfBody": "",
-                    "eventSource": "aws:sqs",
-                    "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:q",
-                    "awsRegion": "us-east-1",
-                }
+                sqs_record(
+                    m["Body"],
+                    m["MessageId"],
+                    receipt_handle=m["ReceiptHandle"],
+                    receive_count=m["Attributes"]["ApproximateReceiveCount"],
+                )
                 for m in messages
             ]
             if self.faults.roll("duplicate_delivery"):  # the same message twice in one batch

@@ -23,6 +23,7 @@ from content_retry.messages import Preferences
 from content_retry.observability import logger
 from content_retry.plan import RoadmapNotFoundError
 from content_retry.retries import Dependencies, start_retry, task_for_owner
+from content_retry.validation import describe_errors
 
 # API Gateway accepts up to 10 MB; a retry request is a few hundred bytes.
 MAX_BODY_BYTES = 16 * 1024
@@ -118,11 +119,7 @@ def _invalid_request(exc: RequestValidationError) -> Response[ErrorResponse]:
     errors = exc.errors()
     if any(error.get("type") == "json_invalid" for error in errors):
         return _error(400, "the request body is not valid JSON")
-    details = [
-        f"{'.'.join(str(part) for part in error.get('loc', ()) if part != 'body') or 'body'}: "
-        f"{error.get('msg', 'invalid')}"
-        for error in errors
-    ]
+    details = describe_errors(errors, whole="body", skip=("body",))
     return _error(422, "the request is not valid: " + "; ".join(details), details)
 
 

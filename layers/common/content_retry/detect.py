@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from content_retry.content_types import ContentType
 from content_retry.messages import Preferences
 from content_retry.retries import Dependencies, start_retry, sweep
+from content_retry.validation import describe_errors
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -102,8 +103,5 @@ def _parse(model: type[ModelT], event: dict[str, Any]) -> ModelT:
     try:
         return model.model_validate(event)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'event'}: {error['msg']}"
-            for error in exc.errors()
-        )
+        problems = "; ".join(describe_errors(exc.errors(), whole="event"))
         raise InvalidEventError(f"invalid {model.__name__} event: {problems}") from exc

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from content_retry.validation import describe_errors
+
 DbAuth = Literal["iam", "secret"]
 GeneratorName = Literal["template", "bedrock"]
 
@@ -97,10 +99,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in error['loc']) or 'environment'}: {error['msg']}"
-                for error in exc.errors()
-            )
+            problems = "; ".join(describe_errors(exc.errors(), whole="environment"))
             raise SettingsError(f"invalid configuration: {problems}") from exc
 
     def require(self, name: str) -> str:

@@ -49,6 +49,7 @@ from content_retry.messages import RetryMessage
 from content_retry.observability import logger, metrics
 from content_retry.roadmaps import patch_concept_statuses
 from content_retry.settings import Settings
+from content_retry.validation import describe_errors
 
 # Deliveries of one item whose answers were malformed before the item fails
 # for good: a model that keeps answering badly is not paid forever.
@@ -160,7 +161,7 @@ class RetryBatch:
             try:
                 prepared.message = RetryMessage.model_validate_json(record.get("body") or "")
             except ValidationError as exc:
-                prepared.invalid_reason = _validation_summary(exc)
+                prepared.invalid_reason = "; ".join(describe_errors(exc.errors(), whole="body"))
                 continue
             message = prepared.message
             message_keys = [
@@ -442,13 +443,6 @@ class RetryBatch:
         if self.context is None:
             return float("inf")
         return self.context.get_remaining_time_in_millis() / 1000
-
-
-def _validation_summary(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-        for error in exc.errors()[:10]
-    )
 
 
 def handle_retry_batch(

@@ -78,20 +78,28 @@ def invoke(function: str, event: Any) -> Any:
     return load_handler(function)(event, context_for(function))
 
 
-def _sqs_record(message: dict[str, Any], queue_arn: str) -> dict[str, Any]:
-    """An SQS event record, as Lambda's poller builds it from a received message."""
-    attributes = message.get("Attributes", {})
+LOCAL_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:content-retry-local"
+
+
+def sqs_record(
+    body: str,
+    message_id: str,
+    *,
+    receipt_handle: str = "local",
+    receive_count: int | str = 1,
+    message_attributes: dict[str, Any] | None = None,
+    queue_arn: str = LOCAL_QUEUE_ARN,
+) -> dict[str, Any]:
+    """One record of an SQS event, shaped as Lambda's poller delivers it."""
     return {
-        "messageId": message["MessageId"],
-        "receiptHandle": message["ReceiptHandle"],
-        "body": message["Body"],
+        "messageId": message_id,
+        "receiptHandle": receipt_handle,
+        "body": body,
         "attributes": {
-            "ApproximateReceiveCount": attributes.get("ApproximateReceiveCount", "1"),
-            "SentTimestamp": attributes.get("SentTimestamp", "0"),
-            "SenderId": attributes.get("SenderId", "local"),
-            "ApproximateFirstReceiveTimestamp": attributes.get(
-                "ApproximateFirstReceiveTimestamp", "0"
-            ),
+            "ApproximateReceiveCount": str(receive_count),
+            "SentTimestamp": "0",
+            "SenderId": "local",
+            "ApproximateFirstReceiveTimestamp": "0",
         },
         "messageAttributes": {
             name: {
@@ -101,13 +109,25 @@ def _sqs_record(message: dict[str, Any], queue_arn: str) -> dict[str, Any]:
                 "binaryListValues": [],
                 "dataType": value.get("DataType", "String"),
             }
-            for name, value in message.get("MessageAttributes", {}).items()
+            for name, value in (message_attributes or {}).items()
         },
-        "md5OfBody": message.get("MD5OfBody", ""),
+        "md5OfBody": "",
         "eventSource": "aws:sqs",
         "eventSourceARN": queue_arn,
-        "awsRegion": queue_arn.split(":")[3] if queue_arn.count(":") >= 5 else "us-east-1",
+        "awsRegion": queue_arn.split(":")[3],
     }
+
+
+def _record_of(message: dict[str, Any], queue_arn: str) -> dict[str, Any]:
+    """The record Lambda's poller builds from a message it received."""
+    return sqs_record(
+        message["Body"],
+        message["MessageId"],
+        receipt_handle=message["ReceiptHandle"],
+        receive_count=message.get("Attributes", {}).get("ApproximateReceiveCount", "1"),
+        message_attributes=message.get("MessageAttributes"),
+        queue_arn=queue_arn,
+    )
 
 
 @dataclass
@@ -155,7 +175,7 @@ def drain(
         ).get("Messages", [])
         if not messages:
             break
-        response = invoke("generate", {"Records": [_sqs_record(m, queue_arn) for m in messages]})
+        response = invoke("generate", {"Records": [_record_of(m, queue_arn) for m in messages]})
         failed_ids = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
         done = [m for m in messages if m["MessageId"] not in failed_ids]
         if done:

@@ -1,0 +1,27 @@
+"""pydantic's validation errors as lines a person can act on: where, and what."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def describe_errors(
+    errors: Iterable[Mapping[str, Any]],
+    *,
+    whole: str,
+    skip: tuple[str, ...] = (),
+    limit: int = 10,
+) -> list[str]:
+    """One ``location: message`` line per error (at most ``limit``).
+
+    Args:
+        errors: ``ValidationError.errors()`` (or Powertools' equivalent).
+        whole: the name of the whole input, for errors about it as a whole.
+        skip: location parts that only say where the input came from ("body").
+    """
+    lines = []
+    for error in list(errors)[:limit]:
+        location = ".".join(str(part) for part in error.get("loc", ()) if part not in skip)
+        lines.append(f"{location or whole}: {error.get('msg', 'invalid')}")
+    return lines
