@@ -25,7 +25,7 @@ from content_retry.local.seed import (
 )
 from content_retry.messages import RetryMessage
 from content_retry.plan import RoadmapNotFoundError
-from content_retry.retries import start_retry
+from content_retry.retries import start_retry, sweep
 from functions.detect.app import lambda_handler
 from tests.conftest import FakeLambdaContext, Queues
 
@@ -486,7 +486,8 @@ def test_sweep_plans_what_needs_work_within_its_bound_and_grace(
 
 def test_sweep_finds_its_candidates_through_the_partial_index(session: Session) -> None:
     _seed_sweep_roadmaps(session, total=1000, needing_work=10, young=0)
-    session.execute(text("ANALYZE roadmap_metadata"))
+    # autovacuum keeps statistics current in production; here, right after the load
+    session.execute(text("ANALYZE"))
     from content_retry.retries import _SWEEP_CANDIDATES
 
     plan = "\n".join(
@@ -507,3 +508,70 @@ def test_openapi_document_in_the_repo_is_current() -> None:
     committed = (REPO_ROOT / "docs" / "openapi.json").read_text()
 
     assert committed == openapi_document(), "run: content-retry openapi > docs/openapi.json"
+
+
+def test_a_roadmap_the_sweep_cannot_plan_does_not_starve_the_others(
+    session: Session, queues: Queues, env: pytest.MonkeyPatch
+) -> None:
+    # GIVEN a roadmap the judge plans nothing for although its framework looks
+    # unfinished ("processing" over completed rows: the platform may be at work),
+    # and one that needs work; the sweep takes one roadmap per run
+    stuck = ConceptSeed(
+        "c1",
+        "A",
+        "a",
+        {
+            "content_status": "processing",
+            "resources_status": "completed",
+            "quiz_status": "completed",
+        },
+    )
+    insert_roadmap(session, "stuck", "u-1", single_module_framework([stuck]), age_minutes=600)
+    for content_type in ("tutorial", "resources", "quiz"):
+        from content_retry.content_types import ContentType
+
+        insert_content_row(session, ContentType(content_type), "stuck", "c1", "completed")
+    lost = ConceptSeed("c1", "B", "b", {"content_status": None})
+    insert_roadmap(session, "needs-work", "u-2", single_module_framework([lost]), age_minutes=60)
+    session.commit()
+    env.setenv("SWEEP_MAX_ROADMAPS", "1")
+    deps = default_dependencies()
+
+    # WHEN the sweep runs twice
+    first, second = sweep(deps), sweep(deps)
+
+    # THEN the stuck one is judged once and waits its lease; the other is planned
+    assert (first.roadmaps_scanned, first.roadmaps_planned) == (1, 0)
+    assert (second.roadmaps_scanned, second.roadmaps_planned) == (1, 1)
+    assert {json.loads(m["Body"])["roadmap_id"] for m in queues.receive_all()} == {"needs-work"}
+
+
+def test_the_sweep_finds_a_failed_latest_row_the_framework_calls_completed(
+    session: Session, queues: Queues
+) -> None:
+    # GIVEN a roadmap whose framework says every item completed, but whose
+    # latest quiz row failed: framework status alone never decides
+    from content_retry.content_types import ContentType
+
+    done = {
+        "content_status": "completed",
+        "resources_status": "completed",
+        "quiz_status": "completed",
+    }
+    insert_roadmap(
+        session,
+        "r1",
+        "u-1",
+        single_module_framework([ConceptSeed("c1", "A", "a", done)]),
+        age_minutes=600,
+    )
+    insert_content_row(session, ContentType.TUTORIAL, "r1", "c1", "completed")
+    insert_content_row(session, ContentType.RESOURCES, "r1", "c1", "completed")
+    insert_content_row(session, ContentType.QUIZ, "r1", "c1", "failed")
+    session.commit()
+
+    outcome = sweep(default_dependencies())
+
+    assert (outcome.roadmaps_planned, outcome.retried_count) == (1, 1)
+    message = json.loads(queues.receive_all()[0]["Body"])
+    assert message["items"] == [{"content_type": "quiz", "reason": "failed"}]

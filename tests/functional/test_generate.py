@@ -469,3 +469,78 @@ def test_the_database_down_at_the_start_fails_every_record_without_llm_calls(
 
     assert len(response["batchItemFailures"]) == 2
     assert generator.calls == []
+
+
+def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
+    session: Session,
+    queues: Queues,
+    db: Engine,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import threading
+
+    from content_retry.content_store import save_item
+    from content_retry.detect import default_dependencies
+    from content_retry.ledger import ItemKey
+    from content_retry.retries import start_retry
+
+    # GIVEN c11's tutorial planned by two tasks (the first one's claim expired)
+    first = next(
+        b
+        for b in plan_messages(session, queues, load_event, lambda_context)
+        if json.loads(b)["concept"]["concept_id"] == "c11"
+    )
+    with db.begin() as connection:
+        connection.execute(
+            text("UPDATE retry_items SET claimed_at = claimed_at - interval '2 hours'")
+        )
+    start_retry(
+        default_dependencies(), SEED_ROADMAP_ID, content_types=["tutorial"], trigger="sweep"
+    )
+    second = next(
+        m["Body"]
+        for m in queues.receive_all()
+        if json.loads(m["Body"])["concept"]["concept_id"] == "c11"
+    )
+    planned = RetryMessage.model_validate_json(first)
+    content = TemplateGenerator().generate(
+        planned.concept, ContentType.TUTORIAL, planned.preferences
+    )
+
+    # WHEN the first task's save is in flight (not yet committed) while the
+    # second task's worker saves the same concept
+    in_flight, done = threading.Event(), threading.Event()
+
+    def first_save() -> None:
+        with Session(db) as other, other.begin():
+            save_item(
+                other,
+                ItemKey(str(planned.task_id), "c11", ContentType.TUTORIAL),
+                roadmap_id=SEED_ROADMAP_ID,
+                concept_name=planned.concept.name,
+                content=content,
+            )
+            in_flight.set()
+            done.wait(0.5)  # the worker's insert now waits on this transaction
+
+    thread = threading.Thread(target=first_save)
+    thread.start()
+    assert in_flight.wait(10)
+    response = generate_handler(sqs_event(load_event, [second]), lambda_context)
+    done.set()
+    thread.join()
+
+    # THEN neither was lost to the race: version 1, then version 2 on top; no DLQ
+    assert response["batchItemFailures"] == []
+    assert queues.depth(queues.dlq_url) == 0
+    with db.connect() as connection:
+        rows = connection.execute(
+            text(
+                "SELECT content_version, is_latest FROM tutorials WHERE concept_id = 'c11' ORDER BY 1"
+            )
+        ).all()
+    assert [tuple(row) for row in rows] == [(1, False), (2, True)]
+    assert any(record.msg == "retry_item_save_raced" for record in caplog.records)

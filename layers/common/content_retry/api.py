@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from content_retry import __version__
 from content_retry.content_types import ContentType, UnknownContentTypeError
-from content_retry.messages import Preferences
+from content_retry.messages import MAX_ID_LENGTH, Preferences
 from content_retry.observability import logger
 from content_retry.plan import RoadmapNotFoundError
 from content_retry.retries import Dependencies, start_retry, task_for_owner
@@ -28,8 +28,8 @@ from content_retry.validation import describe_errors
 # API Gateway accepts up to 10 MB; a retry request is a few hundred bytes.
 MAX_BODY_BYTES = 16 * 1024
 
-RoadmapId = Annotated[str, Path(min_length=1, max_length=512, description="The roadmap's id")]
-TaskId = Annotated[str, Path(min_length=1, max_length=64, description="A task id from a 202")]
+RoadmapId = Annotated[str, Path(min_length=1, description="The roadmap's id")]
+TaskId = Annotated[str, Path(min_length=1, description="A task id from a 202")]
 
 
 class RetryRequest(BaseModel):
@@ -206,6 +206,8 @@ def _deps() -> Dependencies:
 def request_retry(
     roadmap_id: RoadmapId, body: Annotated[RetryRequest | None, Body()] = None
 ) -> Response[RetryResponse]:
+    if len(roadmap_id) > MAX_ID_LENGTH:  # longer than any roadmap the pipeline can plan
+        raise RoadmapNotFoundError(roadmap_id)
     request = body or RetryRequest()
     outcome = start_retry(
         _deps(),
@@ -255,8 +257,8 @@ def handle_api_event(
 ) -> dict[str, Any]:
     """Answer one API Gateway REST proxy event.
 
-    The caller, the body's size and its media type are checked before routing,
-    so a request without identity gets 401 whatever else is wrong with it.
+    The caller and the body's size are checked before routing, so a request
+    without identity gets 401 whatever else is wrong with it.
     """
     if caller_identity(event) is None:
         return _raw(401, ErrorResponse(message="no caller identity: sign in"))
@@ -264,7 +266,9 @@ def handle_api_event(
     if len(body.encode() if isinstance(body, str) else body) > MAX_BODY_BYTES:
         return _raw(413, ErrorResponse(message=f"the request body exceeds {MAX_BODY_BYTES} bytes"))
     if body and not _is_json(event.get("headers") or {}):
-        return _raw(415, ErrorResponse(message="send the request body as application/json"))
+        # The body is read as JSON whatever type it was sent as (a browser's
+        # fetch says text/plain): not JSON is a 400, as for any other body.
+        event = {**event, "headers": _with_json_content_type(event.get("headers") or {})}
     app.append_context(deps=deps)
     try:
         return app.resolve(event, context)  # type: ignore[arg-type]
@@ -279,6 +283,11 @@ def _is_json(headers: dict[str, Any]) -> bool:
     )
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type in ("", "application/json") or media_type.endswith("+json")
+
+
+def _with_json_content_type(headers: dict[str, Any]) -> dict[str, Any]:
+    kept = {name: value for name, value in headers.items() if name.lower() != "content-type"}
+    return {**kept, "Content-Type": "application/json"}
 
 
 def _raw(status: int, body: ErrorResponse) -> dict[str, Any]:

@@ -32,9 +32,17 @@ def client(service: str) -> Any:
     )
 
 
-# Attempts botocore makes per Converse call (the first and two retries, with
-# exponential backoff and jitter) before the error reaches the worker.
-BEDROCK_MAX_ATTEMPTS = 3
+# One Converse call, bounded: botocore's standard mode makes at most
+# BEDROCK_MAX_ATTEMPTS attempts (the first and one retry, exponential backoff
+# with jitter, at most 20 s between attempts), each waiting at most
+# BEDROCK_CONNECT_TIMEOUT + BEDROCK_READ_TIMEOUT. The worker starts no call with
+# less than LLM_CALL_BUDGET_SECONDS left, which must cover the worst case.
+BEDROCK_MAX_ATTEMPTS = 2
+BEDROCK_CONNECT_TIMEOUT = 5
+BEDROCK_READ_TIMEOUT = 60
+BEDROCK_WORST_CASE_SECONDS = BEDROCK_MAX_ATTEMPTS * (
+    BEDROCK_CONNECT_TIMEOUT + BEDROCK_READ_TIMEOUT
+) + 20 * (BEDROCK_MAX_ATTEMPTS - 1)
 
 
 @lru_cache(maxsize=1)
@@ -54,7 +62,7 @@ def bedrock_runtime_client() -> Any:
         endpoint_url=settings.aws_endpoint_url,
         config=Config(
             retries={"mode": "standard", "max_attempts": BEDROCK_MAX_ATTEMPTS},
-            connect_timeout=5,
-            read_timeout=60,
+            connect_timeout=BEDROCK_CONNECT_TIMEOUT,
+            read_timeout=BEDROCK_READ_TIMEOUT,
         ),
     )

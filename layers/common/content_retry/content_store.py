@@ -41,6 +41,8 @@ WITH item AS (
   SET status = 'succeeded', last_error = NULL, updated_at = now()
   WHERE task_id = CAST(:task_id AS uuid) AND concept_id = :concept_id
     AND content_type = :content_type AND status <> 'succeeded'
+    -- the ledger, not the message, says which roadmap the item belongs to
+    AND roadmap_id = :roadmap_id
   RETURNING roadmap_id
 ),
 previous AS (

@@ -8,7 +8,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from content_retry.content_types import ContentType
-from content_retry.messages import Preferences
+from content_retry.messages import MAX_ID_LENGTH, Preferences
 from content_retry.retries import Dependencies, start_retry, sweep
 from content_retry.validation import describe_errors
 
@@ -24,7 +24,7 @@ class DirectInvoke(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    roadmap_id: Annotated[str, Field(min_length=1, max_length=512)]
+    roadmap_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
     content_types: Annotated[list[ContentType] | None, Field(min_length=1)] = None
     preferences: Preferences | None = None
 

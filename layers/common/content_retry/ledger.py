@@ -108,11 +108,12 @@ class ItemKey:
     content_type: ContentType
 
 
-# Per content type: does a completed latest row newer than the task exist?
-_COMPLETED_SINCE_TASK = " ".join(
+# Per content type: does a completed latest row exist? The judge planned the
+# item because none did, so one now means someone else finished it.
+_COMPLETED_NOW = " ".join(
     f"WHEN '{content_type.value}' THEN EXISTS (SELECT 1 FROM {STORAGE[content_type].table} AS c "  # noqa: S608  # nosec B608
     "WHERE c.roadmap_id = i.roadmap_id AND c.concept_id = i.concept_id AND c.is_latest "
-    "AND c.content_status = 'completed' AND c.created_at > t.created_at)"
+    "AND c.content_status = 'completed')"
     for content_type in ContentType
 )
 
@@ -120,9 +121,8 @@ _START_ITEMS = text(
     f"""
 WITH current AS (
   SELECT i.task_id, i.concept_id, i.content_type, i.status,
-         CASE i.content_type {_COMPLETED_SINCE_TASK} ELSE false END AS completed_since_task
+         CASE i.content_type {_COMPLETED_NOW} ELSE false END AS completed_since_task
   FROM retry_items AS i
-  JOIN retry_tasks AS t ON t.task_id = i.task_id
   JOIN unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]),
               CAST(:content_types AS text[])) AS w(task_id, concept_id, content_type)
     ON (w.task_id, w.concept_id, w.content_type) = (i.task_id, i.concept_id, i.content_type)
@@ -135,7 +135,9 @@ updated AS (
     claimed_at = now(), updated_at = now()
   FROM current AS c
   WHERE (i.task_id, i.concept_id, i.content_type) = (c.task_id, c.concept_id, c.content_type)
-    AND c.status <> 'succeeded'
+    -- Ended items stay ended: a redelivery (a sibling item failed transiently)
+    -- neither saves nor pays the LLM for them again.
+    AND c.status NOT IN ('succeeded', 'failed')
   RETURNING i.task_id, i.concept_id, i.content_type, i.attempts
 )
 SELECT c.task_id, c.concept_id, c.content_type, c.status, c.completed_since_task,
@@ -156,7 +158,8 @@ class StartedItem:
 
     @property
     def already_done(self) -> bool:
-        return self.status_before == "succeeded" or self.completed_since_task
+        """Ended for this task (saved, or failed for good), or finished by someone else."""
+        return self.status_before in ("succeeded", "failed") or self.completed_since_task
 
 
 def start_items(session: Session, keys: Sequence[ItemKey]) -> dict[ItemKey, StartedItem]:
@@ -164,8 +167,8 @@ def start_items(session: Session, keys: Sequence[ItemKey]) -> dict[ItemKey, Star
 
     Counts an attempt, renews the claim (so a long queue wait does not let the
     judge plan the item twice), and reports items that need no generation:
-    already saved for this task, or completed by someone else since the task
-    began (deduplication, not judging). Those are marked succeeded.
+    ended for this task (saved, or failed for good), or completed by someone
+    else since it was planned (deduplication, not judging; marked succeeded).
     """
     if not keys:
         return {}
@@ -184,7 +187,8 @@ def start_items(session: Session, keys: Sequence[ItemKey]) -> dict[ItemKey, Star
             key=key,
             status_before=row.status,
             attempts=row.attempts,
-            completed_since_task=bool(row.completed_since_task) and row.status != "succeeded",
+            completed_since_task=bool(row.completed_since_task)
+            and row.status not in ("succeeded", "failed"),
         )
     return {
         key: found.get(key, StartedItem(key, None, 0, completed_since_task=False)) for key in keys

@@ -13,8 +13,12 @@ from content_retry.plan.models import ConceptPlan, Reason, RetryPlan
 
 MESSAGE_VERSION = 1
 
-Identifier = Annotated[str, Field(min_length=1, max_length=512)]
-OptionalText = Annotated[str | None, Field(max_length=10_000)]
+MAX_ID_LENGTH = 1_024
+MAX_NAME_LENGTH = 1_000
+MAX_TEXT_LENGTH = 10_000
+
+Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+OptionalText = Annotated[str | None, Field(max_length=MAX_TEXT_LENGTH)]
 
 
 class Preferences(BaseModel):
@@ -30,7 +34,7 @@ class MessageConcept(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     concept_id: Identifier
-    name: Annotated[str, Field(min_length=1, max_length=1_000)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
     description: OptionalText = None
     stage: OptionalText = None
     module: OptionalText = None
@@ -83,6 +87,15 @@ def messages_for_plan(
     ]
 
 
+def _clip(text: str, limit: int) -> str:
+    # The platform's framework_data has no length limits; a message does.
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clip_optional(text: str | None) -> str | None:
+    return None if text is None else _clip(text, MAX_TEXT_LENGTH)
+
+
 def _message(
     task_id: UUID, plan: RetryPlan, concept_plan: ConceptPlan, preferences: Preferences
 ) -> RetryMessage:
@@ -95,10 +108,10 @@ def _message(
         concept=MessageConcept(
             concept_id=concept.concept_id,
             # A concept without a name still gets content: its id stands in.
-            name=concept.name or concept.concept_id,
-            description=concept.description,
-            stage=concept.stage,
-            module=concept.module,
+            name=_clip(concept.name or concept.concept_id, MAX_NAME_LENGTH),
+            description=_clip_optional(concept.description),
+            stage=_clip_optional(concept.stage),
+            module=_clip_optional(concept.module),
         ),
         items=[
             MessageItem(content_type=item.content_type, reason=item.reason)

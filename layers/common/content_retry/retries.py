@@ -15,13 +15,14 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from content_retry import ledger
+from content_retry.content_types import STORAGE, ContentType
 from content_retry.database.schema import SWEEP_CANDIDATE_PREDICATE
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.observability import logger, metrics
 from content_retry.plan import RetryPlan, RoadmapNotFoundError, build_retry_plan
 from content_retry.plan.models import Reason
 from content_retry.queue import send_retry_messages
-from content_retry.settings import Settings
+from content_retry.settings import Settings, SettingsError
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,18 @@ def start_retry(
             owner=owner,
             claim_lease_minutes=deps.settings.claim_lease_minutes,
         )
-        task_id = (
-            ledger.create_task(session, plan, trigger=trigger, preferences=preferences.model_dump())
-            if plan.item_count
-            else None
-        )
+        task_id = None
+        if plan.item_count:
+            task_id = ledger.create_task(
+                session, plan, trigger=trigger, preferences=preferences.model_dump()
+            )
+            # Built before the commit: a message that cannot be built leaves no
+            # claim behind to hold its items back for a lease.
+            messages = messages_for_plan(task_id, plan, preferences)
     _log_plan(plan, task_id, trigger)
     if task_id is None:
         return RetryOutcome(None, 0, plan.count_by_type(), plan.count_by_reason())
 
-    messages = messages_for_plan(task_id, plan, preferences)
     sent = send_retry_messages(deps.sqs, queue_url, messages)
     unsent_items = 0
     if sent.failed:
@@ -165,25 +168,51 @@ def _log_plan(plan: RetryPlan, task_id: str | None, trigger: str) -> None:
     )
 
 
+# Candidates come from two partial indexes, so the cost follows the roadmaps
+# with work, not the tables' size: framework_data showing an item not completed
+# (schema.SWEEP_CANDIDATE_PREDICATE, the same text as the index's), and a latest
+# row that is not completed whatever framework_data says. The judge decides.
+_UNFINISHED_LATEST = "\n  UNION\n".join(
+    f"  SELECT r.roadmap_id, r.updated_at FROM {STORAGE[content_type].table} AS t "  # noqa: S608  # nosec B608
+    "JOIN roadmap_metadata AS r USING (roadmap_id) "
+    "WHERE t.is_latest AND t.content_status <> 'completed' "
+    "AND r.updated_at < now() - make_interval(mins => :grace_minutes)"
+    for content_type in ContentType
+)
+# Each source reads roadmap_metadata through an index (the partial one, or the
+# primary key from the few unfinished rows), never the whole table.
 _SWEEP_CANDIDATES = text(
     f"""
-SELECT r.roadmap_id
-FROM roadmap_metadata AS r
-WHERE {SWEEP_CANDIDATE_PREDICATE}
-  AND r.updated_at < now() - make_interval(mins => :grace_minutes)
+WITH candidates AS (
+  SELECT roadmap_id, updated_at FROM roadmap_metadata
+  WHERE {SWEEP_CANDIDATE_PREDICATE}
+    AND updated_at < now() - make_interval(mins => :grace_minutes)
+  UNION
+{_UNFINISHED_LATEST}
+)
+SELECT c.roadmap_id
+FROM candidates AS c
+LEFT JOIN roadmap_sweeps AS s USING (roadmap_id)
+  -- Judged at most once a claim lease, least recently judged first.
+WHERE (s.swept_at IS NULL OR s.swept_at < now() - make_interval(mins => :lease_minutes))
   -- A roadmap whose recent task (younger than a claim lease) still has items
   -- open, or ended with failures, waits: its claims still hold, and an item
   -- that keeps failing is not paid for again on every run.
   AND NOT EXISTS (
     SELECT 1 FROM retry_tasks AS t JOIN retry_items AS i ON i.task_id = t.task_id
-    WHERE t.roadmap_id = r.roadmap_id
+    WHERE t.roadmap_id = c.roadmap_id
       AND t.created_at > now() - make_interval(mins => :lease_minutes)
       AND i.status <> 'succeeded')
-ORDER BY (SELECT max(t.created_at) FROM retry_tasks AS t WHERE t.roadmap_id = r.roadmap_id)
-         NULLS FIRST,
-         r.updated_at
+ORDER BY s.swept_at NULLS FIRST, c.updated_at
 LIMIT :limit
-"""  # noqa: S608 - a constant predicate; values are bound  # nosec B608
+"""  # noqa: S608 - constant predicates and table names; values are bound  # nosec B608
+)
+
+_RECORD_SWEPT = text(
+    "INSERT INTO roadmap_sweeps (roadmap_id, swept_at) SELECT roadmap_id, now() "
+    "FROM unnest(CAST(:roadmap_ids AS text[])) AS judged(roadmap_id) "
+    "WHERE EXISTS (SELECT 1 FROM roadmap_metadata AS r WHERE r.roadmap_id = judged.roadmap_id) "
+    "ON CONFLICT (roadmap_id) DO UPDATE SET swept_at = excluded.swept_at"
 )
 
 
@@ -206,9 +235,10 @@ def sweep(deps: Dependencies) -> SweepOutcome:
     """Plan the retry of the roadmaps that need work, a bounded number per run.
 
     Only roadmaps untouched for the grace period are considered (the platform
-    may still be generating younger ones); the least recently retried go
-    first, and the rest wait for the next run. Each roadmap is planned in its
-    own transaction, so one failure does not undo the others.
+    may still be generating younger ones); the least recently swept go first,
+    each at most once a claim lease, and the rest wait for the next run. Each
+    roadmap is planned in its own transaction, so one failure does not undo
+    the others.
     """
     settings = deps.settings
     with Session(deps.engine) as session:
@@ -222,12 +252,24 @@ def sweep(deps: Dependencies) -> SweepOutcome:
                 },
             ).scalars()
         )
+    if candidates:
+        # Recorded before judging: a roadmap whose planning fails still waits
+        # its turn instead of blocking every later run.
+        with Session(deps.engine) as session, session.begin():
+            session.execute(_RECORD_SWEPT, {"roadmap_ids": candidates})
     outcome = SweepOutcome()
     for roadmap_id in candidates:
         outcome.roadmaps_scanned += 1
         try:
             result = start_retry(deps, roadmap_id, trigger="sweep")
         except RoadmapNotFoundError:  # deleted since it was selected
+            continue
+        except SettingsError:  # the same for every roadmap: the sweep cannot run
+            raise
+        except Exception:
+            # One roadmap that cannot be planned must not stop the sweep; the
+            # error is logged with its roadmap, and it waits for its next turn.
+            logger.exception("retry_sweep_roadmap_failed", extra={"roadmap_id": roadmap_id})
             continue
         if result.task_id is not None:
             outcome.roadmaps_planned += 1

@@ -31,7 +31,7 @@ from aws_lambda_powertools.utilities.parser.models import SqsRecordModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import ValidationError
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from content_retry import ledger
@@ -168,7 +168,8 @@ class RetryBatch:
                 ItemKey(str(message.task_id), message.concept.concept_id, item.content_type)
                 for item in message.items
             ]
-            if set(message_keys) <= set(keys):
+            # A copy carrying generated content is never dropped for another.
+            if message.generated is None and set(message_keys) <= set(keys):
                 prepared.duplicate = True
                 continue
             keys += [key for key in message_keys if key not in keys]
@@ -308,35 +309,21 @@ class RetryBatch:
             TransientGenerationError: the save failed and the DLQ refused the
                 message too; SQS will redeliver it.
         """
-        task_id, concept_id = str(message.task_id), message.concept.concept_id
-        try:
-            with self.database.transaction() as session:
-                versions = {
-                    content_type: save_item(
-                        session,
-                        ItemKey(task_id, concept_id, content_type),
-                        roadmap_id=message.roadmap_id,
-                        concept_name=message.concept.name,
-                        content=content,
-                    )
-                    for content_type, content in to_save.items()
-                }
-                for content_type, error in failed_for_good.items():
-                    ledger.record_item_outcome(
-                        session,
-                        ItemKey(task_id, concept_id, content_type),
-                        status="failed",
-                        error=error,
-                    )
-                if failed_for_good:
-                    patch_concept_statuses(
-                        session,
-                        message.roadmap_id,
-                        {concept_id: {STORAGE[ct].status_key: "failed" for ct in failed_for_good}},
-                    )
-        except DATABASE_ERRORS as exc:
-            self._dead_letter_unsaved(message, to_save, exc, base)
-            return False
+        for attempt in (1, 2):
+            try:
+                versions = self._save_transaction(message, to_save, failed_for_good)
+                break
+            except IntegrityError as exc:
+                # Another task saved this concept's new version at the same
+                # moment: the retry's fresh snapshot sees it and goes on top.
+                if attempt == 1 and "_one_latest_per_concept" in str(exc):
+                    logger.info("retry_item_save_raced", extra={**base})
+                    continue
+                self._dead_letter_unsaved(message, to_save, exc, base)
+                return False
+            except DATABASE_ERRORS as exc:
+                self._dead_letter_unsaved(message, to_save, exc, base)
+                return False
         for content_type, version in versions.items():
             if version is None:
                 logger.info(
@@ -355,6 +342,39 @@ class RetryBatch:
             )
             metrics.add_metric(name="ItemsFailed", unit="Count", value=1)
         return True
+
+    def _save_transaction(
+        self,
+        message: RetryMessage,
+        to_save: dict[ContentType, ContentModel],
+        failed_for_good: dict[ContentType, str],
+    ) -> dict[ContentType, int | None]:
+        task_id, concept_id = str(message.task_id), message.concept.concept_id
+        with self.database.transaction() as session:
+            versions = {
+                content_type: save_item(
+                    session,
+                    ItemKey(task_id, concept_id, content_type),
+                    roadmap_id=message.roadmap_id,
+                    concept_name=message.concept.name,
+                    content=content,
+                )
+                for content_type, content in to_save.items()
+            }
+            for content_type, error in failed_for_good.items():
+                ledger.record_item_outcome(
+                    session,
+                    ItemKey(task_id, concept_id, content_type),
+                    status="failed",
+                    error=error,
+                )
+            if failed_for_good:
+                patch_concept_statuses(
+                    session,
+                    message.roadmap_id,
+                    {concept_id: {STORAGE[ct].status_key: "failed" for ct in failed_for_good}},
+                )
+        return versions
 
     def _dead_letter_unsaved(
         self,

@@ -27,6 +27,12 @@ ConnectParams = dict[str, Any]
 
 _DRIVER = "postgresql+pg8000"
 
+# pg8000's socket timeout, seconds. Without one, a connection black-holed by a
+# failover waits until Lambda kills the invocation, taking with it the chance
+# to dead-letter the content just generated. Every statement here takes
+# milliseconds; statement_timeout on the database role bounds the server side.
+SOCKET_TIMEOUT_SECONDS = 30
+
 
 def normalise_database_url(database_url: str) -> URL:
     """Turn a ``postgresql://`` URL (as libpq tools write it) into one for pg8000.
@@ -53,10 +59,15 @@ def normalise_database_url(database_url: str) -> URL:
 def _tcp_or_socket(host: str, port: int) -> ConnectParams:
     """pg8000 connect arguments for a host name, or for a socket directory."""
     if host.startswith("/"):
-        return {"unix_sock": f"{host}/.s.PGSQL.{port}"}
+        return {"unix_sock": f"{host}/.s.PGSQL.{port}", "timeout": SOCKET_TIMEOUT_SECONDS}
     # RDS Proxy requires TLS; its certificates chain to Amazon's public roots,
     # which the default trust store holds.
-    return {"host": host, "port": port, "ssl_context": ssl.create_default_context()}
+    return {
+        "host": host,
+        "port": port,
+        "ssl_context": ssl.create_default_context(),
+        "timeout": SOCKET_TIMEOUT_SECONDS,
+    }
 
 
 def iam_connect_params(settings: Settings, rds_client: Any) -> ConnectParams:
@@ -134,7 +145,11 @@ def build_engine(
         "pool_timeout": 10,
     }
     if settings.database_url:
-        engine = create_engine(normalise_database_url(settings.database_url), **pool_args)
+        engine = create_engine(
+            normalise_database_url(settings.database_url),
+            connect_args={"timeout": SOCKET_TIMEOUT_SECONDS},
+            **pool_args,
+        )
         event.listen(engine, "checkout", _ping_on_checkout)
         return engine
     if settings.db_auth is None:
@@ -150,7 +165,13 @@ def build_engine(
     def _credentials_per_connection(
         dialect: Any, conn_rec: Any, cargs: Any, cparams: ConnectParams
     ) -> None:
-        cparams.update(resolve())
+        try:
+            cparams.update(resolve())
+        except Exception as exc:
+            # Credentials that cannot be had (Secrets Manager unreachable, no
+            # IAM credentials) are a connection that could not be made, and
+            # callers handle them as one.
+            raise ConnectionError(f"no database credentials: {exc}") from exc
 
     return engine
 

@@ -102,6 +102,13 @@ def _content_table(
             unique=True,
             postgresql_where=text("is_latest"),
         ),
+        # The sweep's second source of candidates: roadmaps whose latest row is
+        # not completed, whatever framework_data says. Only such rows are indexed.
+        Index(
+            f"{storage.table}_unfinished_latest",
+            "roadmap_id",
+            postgresql_where=text("is_latest AND content_status <> 'completed'"),
+        ),
     )
 
 
@@ -173,6 +180,22 @@ retry_items = Table(
         "content_type",
         postgresql_where=text("status IN ('queued', 'running')"),
     ),
+)
+
+
+# When the sweep last judged each roadmap: it judges the least recently judged
+# first and each at most once a claim lease, so roadmaps it cannot plan (say a
+# status the judge does not repair) never starve the others.
+roadmap_sweeps = Table(
+    "roadmap_sweeps",
+    metadata,
+    Column(
+        "roadmap_id",
+        Text,
+        ForeignKey("roadmap_metadata.roadmap_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("swept_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
 
 
