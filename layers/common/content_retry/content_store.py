@@ -34,6 +34,14 @@ def _save_statement(content_type: ContentType) -> TextClause:
     # Data-modifying CTEs run against one snapshot; each step is gated on the
     # one before (EXISTS), which also orders them: the previous version loses
     # is_latest before the new one is inserted, as the unique index requires.
+    # - item: the ledger, not the message, says which roadmap the item is in.
+    # - concept_path: where the concept sits in framework_data (first listing).
+    # - framework: jsonb_set at that one path, not a rebuild of the tree. An
+    #   UPDATE that waited for another writer's lock re-reads the row, so
+    #   statuses of other concepts written meanwhile are kept; the concept_id
+    #   check skips the status (never the content) if the roadmap was
+    #   restructured meanwhile.
+    # No SQL comments inside: pg8000 rescans the text on every execution.
     return text(
         f"""
 WITH item AS (
@@ -41,7 +49,6 @@ WITH item AS (
   SET status = 'succeeded', last_error = NULL, updated_at = now()
   WHERE task_id = CAST(:task_id AS uuid) AND concept_id = :concept_id
     AND content_type = :content_type AND status <> 'succeeded'
-    -- the ledger, not the message, says which roadmap the item belongs to
     AND roadmap_id = :roadmap_id
   RETURNING roadmap_id
 ),
@@ -64,7 +71,6 @@ saved AS (
   RETURNING content_version
 ),
 concept_path AS (
-  -- Where the concept sits in framework_data (its first listing).
   SELECT ARRAY['stages', (s.i - 1)::text, 'modules', (m.j - 1)::text,
                'concepts', (c.k - 1)::text] AS path
   FROM roadmap_metadata AS r,
@@ -79,10 +85,6 @@ concept_path AS (
   LIMIT 1
 ),
 framework AS (
-  -- jsonb_set at one path, not a rebuild of the whole tree. An UPDATE that
-  -- waited for another writer's lock re-reads the row, so statuses of other
-  -- concepts written meanwhile are kept; the concept_id check skips the
-  -- status (never the content) if the roadmap was restructured meanwhile.
   UPDATE roadmap_metadata AS r
   SET framework_data = jsonb_set(
         r.framework_data, p.path || ARRAY['{storage.status_key}'], '"completed"'::jsonb, true)

@@ -117,6 +117,8 @@ _COMPLETED_NOW = " ".join(
     for content_type in ContentType
 )
 
+# "updated" leaves ended items (succeeded, failed) as they are: a redelivery
+# (a sibling item failed transiently) neither saves nor pays the LLM for them.
 _START_ITEMS = text(
     f"""
 WITH current AS (
@@ -135,8 +137,6 @@ updated AS (
     claimed_at = now(), updated_at = now()
   FROM current AS c
   WHERE (i.task_id, i.concept_id, i.content_type) = (c.task_id, c.concept_id, c.content_type)
-    -- Ended items stay ended: a redelivery (a sibling item failed transiently)
-    -- neither saves nor pays the LLM for them again.
     AND c.status NOT IN ('succeeded', 'failed')
   RETURNING i.task_id, i.concept_id, i.content_type, i.attempts
 )
