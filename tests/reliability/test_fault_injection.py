@@ -245,6 +245,9 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
             connection.execute(
                 text("UPDATE retry_tasks SET created_at = created_at - interval '1 day'")
             )
+            connection.execute(
+                text("UPDATE roadmap_sweeps SET swept_at = swept_at - interval '1 day'")
+            )
         swept = sweep(detect)
         print(f"round {round_number}: sweep planned {swept.retried_count} item(s)")
         with db.connect() as connection:
