@@ -312,7 +312,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
         say(f"   task {task.task_id}: {task.status} {task.counts()}")
     say("   check it yourself:")
     say(f"     {CHECK_SQL}")
-    say(f"   in {time.monotonic() - started:.1f} s")
+    say(f"   the steps above took {time.monotonic() - started:.1f} s (start-up not included)")
     if demo.problems:
         say(f"end state: WRONG ({len(demo.problems)} problem(s))")
         return 1
