@@ -107,6 +107,15 @@ def latest_tutorials(engine: Engine) -> dict[str, tuple[str, int]]:
     return {row.concept_id: (row.content_status, row.content_version) for row in rows}
 
 
+def ledger_item(engine: Engine, concept_id: str) -> Any:
+    """The concept's one ledger row (status, attempts, last_error)."""
+    with engine.connect() as connection:
+        return connection.execute(
+            text("SELECT status, attempts, last_error FROM retry_items WHERE concept_id = :c"),
+            {"c": concept_id},
+        ).one()
+
+
 def framework_statuses(engine: Engine, key: str) -> dict[str, Any]:
     with engine.connect() as connection:
         framework = connection.execute(
@@ -252,10 +261,7 @@ def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redriv
     assert kept.generated is not None
     assert kept.generated.tutorial is not None
     assert kept.generated.tutorial.title.startswith(kept.concept.name)
-    with db.connect() as connection:
-        status = connection.execute(
-            text("SELECT status FROM retry_items WHERE concept_id = :c"), {"c": concept_id}
-        ).scalar_one()
+    status = ledger_item(db, concept_id).status
     assert status == "dead_lettered"
 
     # WHEN that message is re-driven (the database is back)
@@ -352,11 +358,7 @@ def test_a_transient_llm_error_fails_exactly_that_record(
     saved = latest_tutorials(db)
     assert throttled not in saved
     assert {json.loads(b)["concept"]["concept_id"] for b in (bodies[0], bodies[2])} <= set(saved)
-    with db.connect() as connection:
-        item = connection.execute(
-            text("SELECT status, attempts, last_error FROM retry_items WHERE concept_id = :c"),
-            {"c": throttled},
-        ).one()
+    item = ledger_item(db, throttled)
     assert (item.status, item.attempts) == ("running", 1)
     assert "ThrottlingException" in item.last_error
 
@@ -376,11 +378,7 @@ def test_a_permanent_llm_error_fails_the_item_and_acks(
     response = generate_handler(sqs_event(load_event, [body]), lambda_context)
 
     assert response == {"batchItemFailures": []}
-    with db.connect() as connection:
-        item = connection.execute(
-            text("SELECT status, last_error FROM retry_items WHERE concept_id = :c"),
-            {"c": concept_id},
-        ).one()
+    item = ledger_item(db, concept_id)
     assert (item.status, item.last_error) == ("failed", "content filtered")
     assert framework_statuses(db, "content_status")[concept_id] == "failed"
     assert concept_id not in latest_tutorials(db)
@@ -401,11 +399,7 @@ def test_malformed_output_is_transient_until_its_bound_then_permanent(
     answers = [generate_handler(sqs_event(load_event, [body]), lambda_context) for _ in range(3)]
 
     assert [len(a["batchItemFailures"]) for a in answers] == [1, 1, 0]
-    with db.connect() as connection:
-        item = connection.execute(
-            text("SELECT status, attempts FROM retry_items WHERE concept_id = :c"),
-            {"c": concept_id},
-        ).one()
+    item = ledger_item(db, concept_id)
     assert (item.status, item.attempts) == ("failed", 3)
     assert len(generator.calls) == 3
 

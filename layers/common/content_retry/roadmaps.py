@@ -40,12 +40,14 @@ def array_or_empty(expression: str) -> str:
 
 
 # One statement rebuilds stages -> modules -> concepts, merging each concept's
-# patch (bound as :patches, a JSON object) by concept_id; the content save
-# statement (content_store.py) uses the same text as one of its steps. Being a
-# single UPDATE, it is computed on the newest row version after any lock wait,
-# so concurrent writers of other concepts' statuses are never overwritten (no
+# patch (bound as :patches, a JSON object) by concept_id; it serves repairs
+# and permanent failures, several concepts at once (a save sets one status
+# with jsonb_set instead, content_store.py). Being a single UPDATE, it is
+# computed on the newest row version after any lock wait, so concurrent
+# writers of other concepts' statuses are never overwritten (no
 # read-modify-write in Python).
-PATCH_CONCEPTS_SQL = f"""
+_PATCH_CONCEPTS = text(
+    f"""
 UPDATE roadmap_metadata AS r
 SET framework_data = jsonb_set(r.framework_data, '{{stages}}', (
   SELECT coalesce(jsonb_agg(
@@ -70,8 +72,7 @@ SET framework_data = jsonb_set(r.framework_data, '{{stages}}', (
     ORDER BY s.i), '[]'::jsonb)
   FROM jsonb_array_elements(r.framework_data -> 'stages') WITH ORDINALITY AS s(stage, i)))
 WHERE r.roadmap_id = :roadmap_id AND jsonb_typeof(r.framework_data -> 'stages') = 'array'"""  # noqa: S608 - constant fragments; values are bound  # nosec B608
-
-_PATCH_CONCEPTS = text(PATCH_CONCEPTS_SQL)
+)
 
 
 def patch_concept_statuses(

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
@@ -64,7 +65,8 @@ def judge_item(framework_status: str | None, latest_status: str | None, claimed:
     return Judgement(Decision.RETRY, Reason.MISSING)
 
 
-def _state_query(content_types: tuple[ContentType, ...]) -> str:
+@cache
+def _state_query(content_types: tuple[ContentType, ...]) -> TextClause:
     wanted = ", ".join(
         f"('{content_type.value}', '{STORAGE[content_type].status_key}', {position})"
         for position, content_type in enumerate(content_types)
@@ -78,7 +80,8 @@ FROM {STORAGE[content_type].table}
 WHERE roadmap_id = :roadmap_id AND is_latest"""  # noqa: S608 - constants from STORAGE  # nosec B608
         for content_type in content_types
     )
-    return f"""
+    return text(
+        f"""
 WITH concepts AS (
   SELECT c.concept, c.concept ->> 'concept_id' AS concept_id,
          s.stage ->> 'name' AS stage_name, m.module ->> 'name' AS module_name,
@@ -121,6 +124,7 @@ WHERE l.latest_status IS DISTINCT FROM 'completed'
    OR c.concept ->> w.status_key = 'failed'
 ORDER BY c.i, c.j, c.k, w.position
 """  # noqa: S608 - constant fragments; values are bound  # nosec B608
+    )
 
 
 def build_retry_plan(
@@ -156,7 +160,7 @@ def build_retry_plan(
         raise RoadmapNotFoundError(roadmap_id)
 
     rows = session.execute(
-        text(_state_query(types)),
+        _state_query(types),
         {"roadmap_id": roadmap_id, "lease_minutes": claim_lease_minutes},
     )
 
