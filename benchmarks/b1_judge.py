@@ -190,7 +190,7 @@ def _statements_with_a_repair(engine: Engine, roadmap_id: str) -> int:
 def _breakdown(engine: Engine, roadmap_id: str, judge_seconds: float, rounds: int) -> None:
     """Where the judge's time goes beyond the hand-written query: its lock, its
     state query alone (rows fetched, no Python plan), and the rest (Python)."""
-    state_query = text(_state_query(ALL_CONTENT_TYPES))
+    state_query = _state_query(ALL_CONTENT_TYPES)
     params = {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES}
 
     def lock() -> None:
