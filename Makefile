@@ -1,18 +1,31 @@
 # The README's commands. Each sets up what it needs on a fresh machine:
 # a virtual environment with the project and its dev tools, and (inside the
 # commands themselves) an embedded PostgreSQL and moto's server when none is given.
-PYTHON ?= python3
-VENV   := .venv
-BIN    := $(VENV)/bin
+#
+# Python: Lambda's runtime, 3.12, wherever this machine has it (on PATH, or
+# installed by pyenv); PYTHON=... chooses another. Without a 3.12 the commands
+# still run on python3 (3.11+), and the test that runs the handlers on the
+# Lambda runtime says loudly that it was skipped.
+PYTHON312 := $(shell layers/common/find-python3.12)
+PYTHON    ?= $(or $(PYTHON312),python3)
+VENV      := .venv
+BIN       := $(VENV)/bin
+LOCK      := layers/common/requirements.lock
+IAC       := .venv-iac
+LOCKER    := .venv-lock
+ARCH      ?= aarch64
 
-IAC    := .venv-iac
+.PHONY: demo test lint bench iac-lint check layer lock
 
-.PHONY: demo test lint bench iac-lint check
-
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# The dependencies are installed at the versions the layer ships (the lock,
+# hashes dropped: pip takes no hashes for an editable install), so the tests
+# run on exactly what is deployed.
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	@[ -n "$(PYTHON312)" ] || echo "WARNING: no Python 3.12 (Lambda's runtime) found; using $(PYTHON). The Lambda-runtime test will be SKIPPED." >&2
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' $(LOCK) > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $@
 
 ## The main job: the seed's failure and its repair, end to end, on this machine.
@@ -33,6 +46,19 @@ lint: $(VENV)/.installed
 ## The benchmarks of docs/PERFORMANCE.md (figures as ratios against same-run baselines).
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+## The Lambda layer exactly as deployed, in build/layer/python/ (ARCH=x86_64 for one
+## this machine can run); sam build runs the same recipe (layers/common/Makefile).
+layer:
+	$(MAKE) -C layers/common build-CommonLayer ARTIFACTS_DIR=$(CURDIR)/build/layer ARCH=$(ARCH)
+
+## Re-lock the layer's dependencies from pyproject.toml, with hashes, for Lambda's
+## platform (CPython 3.12, manylinux2014); the lock holds for arm64 and x86_64 alike.
+lock:
+	[ -x $(LOCKER)/bin/uv ] || { $(PYTHON) -m venv $(LOCKER) && $(LOCKER)/bin/python -m pip install --quiet uv; }
+	$(LOCKER)/bin/uv pip compile pyproject.toml --quiet --generate-hashes \
+	    --python-version 3.12 --python-platform aarch64-manylinux2014 \
+	    --custom-compile-command "make lock" --output-file $(LOCK)
 
 ## template.yaml: cfn-lint (0 errors, 0 warnings) and checkov (suppressions justified inline).
 ## Their own environment: checkov pins versions that would fight moto's.

@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "B4": "benchmarks.b4_sqs",
     "B5": "benchmarks.b5_imports",
     "B6": "benchmarks.b6_pgbouncer",
+    "B7": "benchmarks.b7_shipped_imports",
 }
 
 

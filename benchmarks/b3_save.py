@@ -56,11 +56,11 @@ from content_retry.content_types import ContentType
 from content_retry.database import build_engine
 from content_retry.generated import TutorialContent
 from content_retry.generators.template import TemplateGenerator
-from content_retry.local.template import create_queues, resource
 from content_retry.messages import MessageConcept, Preferences, messages_for_plan
 from content_retry.observability import metrics
 from content_retry.plan import RetryPlan, build_retry_plan
 from content_retry.worker import WorkerDependencies, handle_retry_batch
+from content_retry_local.template import create_queues, resource
 
 ID = "B3"
 WHAT = "generate path: items saved/s vs a raw pg8000 loop; round trips per item"

@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session
 from benchmarks.data import add_lost_tutorials_roadmap
 from benchmarks.harness import BenchEnv, EngineCounter, Result, quiet_powertools, say, settings_for
 from content_retry.database import build_engine
-from content_retry.local.template import create_queues
 from content_retry.queue import BATCH_SIZE
 from content_retry.retries import Dependencies, start_retry
+from content_retry_local.template import create_queues
 
 ID = "B4"
 WHAT = "detect: SQS API calls per planned item, 2,000-concept roadmap"

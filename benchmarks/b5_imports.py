@@ -58,7 +58,7 @@ print(json.dumps({{"seconds": seconds, "peak_mib": hwm_kib / 1024, "modules": le
 
 def _lambda_environment(function: str, pycache: str) -> dict[str, str]:
     """The environment Lambda would give the function (template.yaml's plain values)."""
-    from content_retry.local.template import load_template
+    from content_retry_local.template import load_template
 
     variables = load_template()["Globals"]["Function"]["Environment"]["Variables"]
     plain = {name: value for name, value in variables.items() if isinstance(value, str)}

@@ -42,11 +42,11 @@ from benchmarks.harness import BenchEnv, Result, quiet_powertools, say, settings
 from content_retry import ledger
 from content_retry.database import build_engine
 from content_retry.generators.template import TemplateGenerator
-from content_retry.local.pgbouncer import PgBouncer, find_pgbouncer
-from content_retry.local.template import create_queues
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.plan import RetryPlan, build_retry_plan
 from content_retry.worker import WorkerDependencies, handle_retry_batch
+from content_retry_local.pgbouncer import PgBouncer, find_pgbouncer
+from content_retry_local.template import create_queues
 
 ID = "B6"
 WHAT = "server connections of 20 concurrent workers, direct and through PgBouncer"

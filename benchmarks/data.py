@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from content_retry.content_types import STORAGE, ContentType
-from content_retry.local.seed import ConceptSeed, build_framework, insert_roadmap
+from content_retry_local.seed import ConceptSeed, build_framework, insert_roadmap
 
 USER_ID = "u-bench"
 CONCEPTS_PER_MODULE = 10

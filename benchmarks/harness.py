@@ -220,7 +220,7 @@ class Postgres:
     """
 
     def __init__(self) -> None:
-        from content_retry.local.postgres import start_embedded_postgres
+        from content_retry_local.postgres import start_embedded_postgres
 
         root = Path(tempfile.mkdtemp(prefix="content-retry-bench-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)

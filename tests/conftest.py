@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 from content_retry.aws import client
 from content_retry.database import build_engine, create_missing, get_engine
 from content_retry.database.schema import metadata
-from content_retry.local.postgres import start_embedded_postgres
-from content_retry.local.template import create_queues
 from content_retry.settings import Settings, get_settings
+from content_retry_local.postgres import start_embedded_postgres
+from content_retry_local.template import create_queues
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

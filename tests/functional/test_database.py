@@ -20,8 +20,8 @@ from content_retry.database.engine import (
     normalise_database_url,
     secret_connect_params,
 )
-from content_retry.local.seed import seed_scenario
 from content_retry.settings import Settings, SettingsError
+from content_retry_local.seed import seed_scenario
 from tests.conftest import REPO_ROOT
 
 

@@ -15,7 +15,10 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from content_retry.detect import InvalidEventError, default_dependencies
-from content_retry.local.seed import (
+from content_retry.messages import RetryMessage
+from content_retry.plan import RoadmapNotFoundError
+from content_retry.retries import start_retry, sweep
+from content_retry_local.seed import (
     SEED_ROADMAP_ID,
     ConceptSeed,
     insert_content_row,
@@ -23,9 +26,6 @@ from content_retry.local.seed import (
     seed_scenario,
     single_module_framework,
 )
-from content_retry.messages import RetryMessage
-from content_retry.plan import RoadmapNotFoundError
-from content_retry.retries import start_retry, sweep
 from functions.detect.app import lambda_handler
 from tests.conftest import FakeLambdaContext, Queues
 

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from content_retry.content_types import ContentType
+from content_retry.database import get_engine
 from content_retry.generated import ContentModel
 from content_retry.generators import (
     MalformedOutputError,
@@ -24,8 +25,9 @@ from content_retry.generators import (
 )
 from content_retry.generators.template import TemplateGenerator
 from content_retry.ledger import task_status
-from content_retry.local.seed import SEED_ROADMAP_ID, seed_scenario
 from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from content_retry_local.seed import SEED_ROADMAP_ID, seed_scenario
+from content_retry_local.sessions import EngineSessions
 from functions.detect.app import lambda_handler as detect_handler
 from functions.generate.app import lambda_handler as generate_handler
 from tests.conftest import FakeLambdaContext, Queues
@@ -235,17 +237,8 @@ def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redriv
     body = plan_messages(session, queues, load_event, lambda_context)[0]
     concept_id = json.loads(body)["concept"]["concept_id"]
 
-    def kill_connections(*_: str) -> None:
-        with db.connect() as connection:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND backend_type = 'client backend'"
-                )
-            )
-
-    generator.before_call = kill_connections
+    worker_sessions = EngineSessions(get_engine())
+    generator.before_call = lambda *_: worker_sessions.terminate()
 
     # WHEN the generate function processes it
     response = generate_handler(sqs_event(load_event, [body]), lambda_context)

@@ -11,7 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from content_retry.content_types import STORAGE, ContentType, UnknownContentTypeError
-from content_retry.local.seed import (
+from content_retry.plan import RoadmapNotFoundError, build_retry_plan
+from content_retry_local.seed import (
     ConceptSeed,
     insert_content_row,
     insert_roadmap,
@@ -19,7 +20,6 @@ from content_retry.local.seed import (
     seed_scenario,
     single_module_framework,
 )
-from content_retry.plan import RoadmapNotFoundError, build_retry_plan
 
 LEASE_MINUTES = 60
 FRAMEWORK_STATUSES = (None, "pending", "processing", "completed", "failed")

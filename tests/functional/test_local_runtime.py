@@ -13,26 +13,40 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from content_retry.database import build_engine
 from content_retry.generators import TransientGenerationError, use_generator
-from content_retry.local.http_api import make_server
-from content_retry.local.lambda_runtime import drain, invoke, queue_depth, redrive
-from content_retry.local.seed import SEED_ROADMAP_ID, seed_scenario
+from content_retry.settings import Settings
+from content_retry_local.aws import start_threaded_moto
+from content_retry_local.http_api import make_server
+from content_retry_local.lambda_runtime import drain, invoke, queue_depth, redrive
+from content_retry_local.seed import (
+    SEED_ROADMAP_ID,
+    ConceptSeed,
+    insert_roadmap,
+    seed_scenario,
+    single_module_framework,
+)
+from content_retry_local.sessions import EngineSessions
+from content_retry_local.template import create_queues
 from tests.conftest import REPO_ROOT, Queues
 from tests.functional.test_generate import CountingGenerator
 
 
-def run_demo(cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_demo(cwd: Path, given: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``content-retry demo`` in a new process, with nothing configured but ``given``."""
     environment = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("AWS_", "DATABASE_URL", "RETRY_", "DB_"))
     }
+    environment.update(given or {})
     return subprocess.run(
-        [sys.executable, "-m", "content_retry.cli", "demo"],
+        [sys.executable, "-m", "content_retry_local.cli", "demo"],
         cwd=cwd,
         env=environment,
         capture_output=True,
@@ -185,7 +199,7 @@ def test_the_cli_refuses_a_bad_event_file_clearly(tmp_path: Path) -> None:
     bad.write_text("{not json")
 
     run = subprocess.run(
-        [sys.executable, "-m", "content_retry.cli", "invoke", "detect", "--event", str(bad)],
+        [sys.executable, "-m", "content_retry_local.cli", "invoke", "detect", "--event", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -195,3 +209,106 @@ def test_the_cli_refuses_a_bad_event_file_clearly(tmp_path: Path) -> None:
 
     assert run.returncode == 2
     assert "cannot read the event" in run.stderr
+
+
+@pytest.fixture
+def real_looking_targets(
+    db: Engine, database_url: str
+) -> Iterator[tuple[dict[str, str], Any, str, str]]:
+    """A database and queues the demo did not start: the test database with a
+    roadmap under the seed's id, and a moto server whose queues hold messages."""
+    endpoint, server = start_threaded_moto()
+    sqs = boto3.client(
+        "sqs",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    queue_url, dlq_url = create_queues(sqs, prefix="someone-elses")
+    sqs.send_message(QueueUrl=queue_url, MessageBody='{"waiting": true}')
+    sqs.send_message(QueueUrl=dlq_url, MessageBody='{"generated": "paid for"}')
+    with Session(db) as session, session.begin():
+        insert_roadmap(
+            session,
+            SEED_ROADMAP_ID,
+            "someone",
+            single_module_framework([ConceptSeed("x", "X", "Theirs.")]),
+        )
+    variables = {
+        "DATABASE_URL": database_url,
+        "AWS_ENDPOINT_URL": endpoint,
+        "RETRY_QUEUE_URL": queue_url,
+        "RETRY_DLQ_URL": dlq_url,
+    }
+    yield variables, sqs, queue_url, dlq_url
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ("DATABASE_URL", "AWS_ENDPOINT_URL", "RETRY_QUEUE_URL", "RETRY_DLQ_URL"),
+        ("DATABASE_URL",),
+        ("RETRY_QUEUE_URL", "RETRY_DLQ_URL", "AWS_ENDPOINT_URL"),
+        ("AWS_ENDPOINT_URL",),
+    ],
+    ids=["all", "database", "queues", "endpoint"],
+)
+def test_the_demo_refuses_what_it_did_not_start_and_touches_nothing(
+    real_looking_targets: tuple[dict[str, str], Any, str, str],
+    db: Engine,
+    tmp_path: Path,
+    given: tuple[str, ...],
+) -> None:
+    # GIVEN someone else's session open on the database, and messages on their queues
+    variables, sqs, queue_url, dlq_url = real_looking_targets
+    with db.connect() as bystander:
+        bystander_pid = bystander.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+        # WHEN the demo is started with the variables pointing at them
+        run = run_demo(tmp_path, {name: variables[name] for name in given})
+
+        # THEN it exits 2, naming what it refused and why, before touching anything
+        assert run.returncode == 2, run.stdout + run.stderr
+        for name in given:
+            assert name in run.stderr
+        assert "embedded PostgreSQL" in run.stderr
+        assert not (tmp_path / ".local").exists()
+        # the bystander's session is alive and still the same one
+        assert bystander.execute(text("SELECT pg_backend_pid()")).scalar_one() == bystander_pid
+    for url, body in ((queue_url, '{"waiting": true}'), (dlq_url, '{"generated": "paid for"}')):
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        assert [message["Body"] for message in messages] == [body]
+    with db.connect() as connection:
+        owner = connection.execute(
+            text("SELECT user_id FROM roadmap_metadata WHERE roadmap_id = :r"),
+            {"r": SEED_ROADMAP_ID},
+        ).scalar_one()
+    assert owner == "someone"
+
+
+def test_the_staged_fault_ends_only_the_sessions_of_its_own_engine(
+    db: Engine, database_url: str
+) -> None:
+    # GIVEN the worker's engine, with its connection open, and a bystander's session
+    worker = build_engine(Settings(DATABASE_URL=database_url))
+    with EngineSessions(worker) as sessions, db.connect() as bystander:
+        with worker.connect() as connection:
+            worker_pid = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        bystander_pid = bystander.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+        # WHEN the fault is staged
+        ended = sessions.terminate()
+
+        # THEN the worker's session is gone and the bystander's is not
+        assert ended == 1
+        assert sessions.pids == {worker_pid}
+        assert bystander.execute(text("SELECT pg_backend_pid()")).scalar_one() == bystander_pid
+        with db.connect() as connection:
+            alive = set(
+                connection.execute(text("SELECT pid FROM pg_stat_activity")).scalars().all()
+            )
+        assert worker_pid not in alive
+        assert bystander_pid in alive
+    worker.dispose()

@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session
 from content_retry.api import openapi_document
 from content_retry.aws import client
 from content_retry.database import get_engine
-from content_retry.local.http_api import make_server
-from content_retry.local.seed import seed_scenario
-from content_retry.local.template import create_queues
 from content_retry.settings import get_settings
+from content_retry_local.http_api import make_server
+from content_retry_local.seed import seed_scenario
+from content_retry_local.template import create_queues
 
 schema = schemathesis.openapi.from_dict(json.loads(openapi_document()))
 CHECKS = [

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from content_retry.local.seed import (
+from content_retry_local.seed import (
     ConceptSeed,
     insert_roadmap,
     seed_scenario,

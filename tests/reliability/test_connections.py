@@ -25,15 +25,15 @@ from sqlalchemy.orm import Session
 from content_retry import ledger
 from content_retry.database import build_engine, create_missing
 from content_retry.generators.template import TemplateGenerator
-from content_retry.local.lambda_runtime import sqs_record
-from content_retry.local.pgbouncer import PgBouncer, find_pgbouncer
-from content_retry.local.postgres import start_embedded_postgres
-from content_retry.local.seed import ConceptSeed, insert_roadmap, single_module_framework
-from content_retry.local.template import create_queues
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.plan import build_retry_plan
 from content_retry.settings import Settings
 from content_retry.worker import WorkerDependencies, handle_retry_batch
+from content_retry_local.lambda_runtime import sqs_record
+from content_retry_local.pgbouncer import PgBouncer, find_pgbouncer
+from content_retry_local.postgres import start_embedded_postgres
+from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_framework
+from content_retry_local.template import create_queues
 
 WORKERS = 50
 POOL_SIZE = 10

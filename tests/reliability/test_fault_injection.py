@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from content_retry.aws import BEDROCK_MAX_ATTEMPTS
 from content_retry.content_types import STORAGE, ContentType
@@ -31,12 +30,13 @@ from content_retry.generators import (
     TransientGenerationError,
 )
 from content_retry.generators.template import TemplateGenerator
-from content_retry.local.lambda_runtime import redrive, sqs_record
-from content_retry.local.seed import ConceptSeed, insert_roadmap, single_module_framework
-from content_retry.local.template import resource
 from content_retry.messages import MessageConcept, Preferences, RetryMessage
 from content_retry.retries import start_retry, sweep
 from content_retry.worker import WorkerDependencies, handle_retry_batch
+from content_retry_local.lambda_runtime import redrive, sqs_record
+from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_framework
+from content_retry_local.sessions import EngineSessions
+from content_retry_local.template import resource
 from tests.conftest import FakeLambdaContext, Queues
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261127"))
@@ -75,12 +75,12 @@ class FaultyGenerator:
 
     name = "faulty"
 
-    def __init__(self, faults: Faults, doomed: set[Item], database_url: str) -> None:
+    def __init__(self, faults: Faults, doomed: set[Item], worker_sessions: EngineSessions) -> None:
         self.faults = faults
         self.doomed = doomed
         self.calls: Counter[Item] = Counter()
         self._template = TemplateGenerator()
-        self._killer = create_engine(database_url, poolclass=NullPool)
+        self._worker_sessions = worker_sessions
 
     def generate(
         self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
@@ -99,14 +99,7 @@ class FaultyGenerator:
             raise MalformedOutputError("answer is not JSON")
         content = self._template.generate(concept, content_type, preferences)
         if self.faults.roll("db_killed_before_save"):
-            with self._killer.begin() as connection:
-                connection.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                        "datname = current_database() AND pid <> pg_backend_pid() "
-                        "AND backend_type = 'client backend'"
-                    )
-                )
+            self._worker_sessions.terminate()
         return content
 
 
@@ -200,7 +193,7 @@ class Run:
 
 
 def test_under_injected_faults_nothing_is_lost_or_saved_twice(
-    session: Session, db: Engine, queues: Queues, database_url: str, monkeypatch: pytest.MonkeyPatch
+    session: Session, db: Engine, queues: Queues, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(SEED)
     faults = Faults(rng)
@@ -221,7 +214,8 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
     session.commit()
     doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
     detect = default_dependencies()
-    generator = FaultyGenerator(faults, doomed, database_url)
+    worker_sessions = EngineSessions(detect.engine)
+    generator = FaultyGenerator(faults, doomed, worker_sessions)
     run = Run(
         queues=queues,
         deps=WorkerDependencies(detect.engine, queues.sqs, detect.settings, generator),

@@ -10,8 +10,8 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from content_retry.local.template import create_queues, load_template, queue_attributes, resource
 from content_retry.settings import Settings
+from content_retry_local.template import create_queues, load_template, queue_attributes, resource
 from tests.conftest import REPO_ROOT
 
 FUNCTIONS = ("DetectFunction", "GenerateFunction")

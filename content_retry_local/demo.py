@@ -14,31 +14,33 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 
 from content_retry.content_types import ContentType
 from content_retry.generated import ContentModel
 from content_retry.generators.template import TemplateGenerator
-from content_retry.local.lambda_runtime import (
+from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from content_retry_local.environment import LocalEnvironment
+from content_retry_local.lambda_runtime import (
     DrainReport,
     drain,
     invoke,
     queue_depth,
     redrive,
-    repo_path,
 )
-from content_retry.local.seed import (
+from content_retry_local.project import project_path
+from content_retry_local.seed import (
     SEED_ROADMAP_ID,
     SEED_USER_ID,
     old_status_only_rule,
     seed_scenario,
 )
-from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from content_retry_local.sessions import EngineSessions
 
 CONTENT_TABLES = ("tutorials", "resource_recommendations", "quizzes")
 
@@ -52,15 +54,15 @@ CHECK_SQL = (
 
 class DemoGenerator:
     """The template generator, counting its calls (the demo's "LLM calls"), and
-    dropping the worker's database connection once, just before one save."""
+    cutting the worker's database connection once, just before one save."""
 
     name = "template"
 
-    def __init__(self, engine_url: str, fail_on_call: int) -> None:
+    def __init__(self, cut_connection: Callable[[], object], fail_on_call: int) -> None:
         self.calls = 0
         self._template = TemplateGenerator()
         self._fail_on_call = fail_on_call
-        self._engine_url = engine_url
+        self._cut_connection = cut_connection
         self.dropped_for: str | None = None
 
     def generate(
@@ -69,23 +71,9 @@ class DemoGenerator:
         self.calls += 1
         content = self._template.generate(concept, content_type, preferences)
         if self.calls == self._fail_on_call:
-            self._drop_other_connections()
+            self._cut_connection()
             self.dropped_for = concept.concept_id
         return content
-
-    def _drop_other_connections(self) -> None:
-        # What an exhausted pool, a proxy failover or a reaped idle connection
-        # looks like to the worker: its connection is gone when it saves.
-        killer = create_engine(self._engine_url, poolclass=NullPool)
-        with killer.begin() as connection:
-            connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND backend_type = 'client backend'"
-                )
-            )
-        killer.dispose()
 
 
 @dataclass
@@ -144,8 +132,15 @@ def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "none"
 
 
-def run_demo(out: TextIO = sys.stdout) -> int:
-    """Run the demo in the current (local) environment; returns the exit status."""
+def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
+    """Run the demo in its own local environment; returns the exit status.
+
+    Raises:
+        ValueError: the database or the queues are not ones this process
+            started (the demo stages a fault; it never touches what it did not create).
+    """
+    if not environment.all_its_own:
+        raise ValueError(f"the demo runs only on what it started itself, not on {environment}")
     from content_retry.aws import client
     from content_retry.database import get_engine
     from content_retry.generators import use_generator
@@ -154,6 +149,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
     started = time.monotonic()
     settings = get_settings()
     engine = get_engine()
+    worker_sessions = EngineSessions(engine)
     demo = Demo(
         engine=engine,
         sqs=client("sqs"),
@@ -169,8 +165,11 @@ def run_demo(out: TextIO = sys.stdout) -> int:
             text("DELETE FROM roadmap_metadata WHERE roadmap_id = :r"), {"r": SEED_ROADMAP_ID}
         )
         scenario = seed_scenario(session, other_failures=True)
-    for url in (demo.queue_url, demo.dlq_url):
-        demo.sqs.purge_queue(QueueUrl=url)
+    # Its own moto server, started empty: nothing to purge, nothing anyone else's.
+    demo.check(
+        queue_depth(demo.sqs, demo.queue_url) == 0 and queue_depth(demo.sqs, demo.dlq_url) == 0,
+        "the demo's new queues should start empty",
+    )
     before = demo.rows_by_status()
     framework = demo.framework()
     statuses = Counter(
@@ -211,7 +210,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
     say()
 
     # 3. The retry request, as API Gateway delivers it for the signed-in owner.
-    event = json.loads(repo_path("events/api-retry.json").read_text())
+    event = json.loads(project_path("events/api-retry.json").read_text())
     say(f"3. POST /roadmaps/{SEED_ROADMAP_ID}/retry as {SEED_USER_ID} (events/api-retry.json)")
     response = invoke("detect", event)
     body = json.loads(response["body"])
@@ -227,7 +226,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
     say()
 
     # 4. Drain through the generate handler; one save loses its connection.
-    generator = DemoGenerator(engine.url.render_as_string(hide_password=False), fail_on_call=8)
+    generator = DemoGenerator(worker_sessions.terminate, fail_on_call=8)
     use_generator(generator)
     try:
         say("4. The generate function drains the queue (the 8th save loses its connection)")
@@ -263,7 +262,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
         say()
 
         # 6. The schedule sweep takes the failed quizzes and resource lists.
-        sweep_event = json.loads(repo_path("events/schedule-sweep.json").read_text())
+        sweep_event = json.loads(project_path("events/schedule-sweep.json").read_text())
         sweep = invoke("detect", sweep_event)
         say(f"6. The schedule sweep (events/schedule-sweep.json) -> {json.dumps(sweep)}")
         swept = queue_depth(demo.sqs, demo.queue_url)
@@ -272,6 +271,7 @@ def run_demo(out: TextIO = sys.stdout) -> int:
         say()
     finally:
         use_generator(None)
+        worker_sessions.close()
 
     # The end state.
     after = demo.rows_by_status()

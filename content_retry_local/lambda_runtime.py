@@ -12,12 +12,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-from content_retry.local.template import TEMPLATE_PATH, resource
+from content_retry_local.project import project_root
+from content_retry_local.template import resource
 
-REPO_ROOT = TEMPLATE_PATH.parent
 FUNCTIONS = {"detect": "DetectFunction", "generate": "GenerateFunction"}
 
 Handler = Callable[[Any, Any], Any]
@@ -63,7 +62,7 @@ def load_handler(function: str) -> Handler:
         raise ValueError(f"unknown function {function!r}; choose one of: {', '.join(FUNCTIONS)}")
     properties = resource(FUNCTIONS[function])["Properties"]
     module_name, attribute = properties["Handler"].rsplit(".", 1)
-    path = REPO_ROOT / properties["CodeUri"] / f"{module_name}.py"
+    path = project_root() / properties["CodeUri"] / f"{module_name}.py"
     spec = importlib.util.spec_from_file_location(f"content_retry_handler_{function}", path)
     if spec is None or spec.loader is None:
         raise ValueError(f"cannot load {path}")
@@ -267,7 +266,3 @@ def redrive(
             sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=message["ReceiptHandle"])
             moved += 1
     return RedriveReport(method="receive/send/delete", moved=moved, dry_run=False)
-
-
-def repo_path(relative: str) -> Path:
-    return REPO_ROOT / relative

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from content_retry.local.lambda_runtime import invoke
+from content_retry_local.lambda_runtime import invoke
 
 DEV_USER_HEADER = "X-Dev-User"
 

@@ -29,6 +29,26 @@ class LocalEnvironment:
     database: str  # "embedded" or "given"
     aws: str  # "moto (this process)", "moto (background)", "given" or "none"
 
+    @property
+    def all_its_own(self) -> bool:
+        """Whether the database and the queues are ones this process started or
+        created (the embedded PostgreSQL, moto in this process)."""
+        return self.database == "embedded" and self.aws == "moto (this process)"
+
+
+def given_targets() -> list[str]:
+    """The variables that point the local commands at a database or AWS they did
+    not start (empty when the embedded PostgreSQL and moto would be used)."""
+    settings = get_settings()
+    given = {
+        "DATABASE_URL": settings.database_url,
+        "DB_AUTH": settings.db_auth,
+        "AWS_ENDPOINT_URL": settings.aws_endpoint_url,
+        "RETRY_QUEUE_URL": settings.retry_queue_url,
+        "RETRY_DLQ_URL": settings.retry_dlq_url,
+    }
+    return [name for name, value in given.items() if value]
+
 
 def _set(**values: str) -> None:
     os.environ.update(values)
@@ -48,7 +68,7 @@ def local_environment(
     """
     from content_retry.aws import bedrock_runtime_client, client
     from content_retry.database import create_missing, get_engine
-    from content_retry.local.postgres import start_embedded_postgres
+    from content_retry_local.postgres import start_embedded_postgres
 
     settings = get_settings()
     described = LocalEnvironment(database="given", aws="given")
@@ -62,7 +82,7 @@ def local_environment(
     if aws == "none":
         described.aws = "none"
     elif not settings.aws_endpoint_url and not settings.retry_queue_url:
-        from content_retry.local.aws import ensure_background_moto, start_threaded_moto
+        from content_retry_local.aws import ensure_background_moto, start_threaded_moto
 
         if aws == "thread":
             endpoint, server = start_threaded_moto()
@@ -75,7 +95,7 @@ def local_environment(
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
         _set(AWS_ENDPOINT_URL=endpoint, AWS_REGION=settings.aws_region)
         client.cache_clear()
-        from content_retry.local.template import create_queues
+        from content_retry_local.template import create_queues
 
         queue_url, dlq_url = create_queues(client("sqs"))
         _set(RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url)

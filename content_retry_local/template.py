@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[4] / "template.yaml"
+from content_retry_local.project import project_path
 
 # CloudFormation queue properties that SQS's CreateQueue takes as attributes.
 _QUEUE_ATTRIBUTES = (
@@ -35,9 +35,15 @@ class _Tagged:
         return f"{self.tag} {self.value!r}"
 
 
+def template_path() -> Path:
+    """The project's template.yaml."""
+    return project_path("template.yaml")
+
+
 @lru_cache(maxsize=4)
-def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
-    """The template as data; intrinsic functions become :class:`_Tagged` values."""
+def load_template(path: Path | None = None) -> dict[str, Any]:
+    """The template as data (the project's, by default); intrinsic functions
+    become :class:`_Tagged` values."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -55,11 +61,11 @@ def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
 
     Loader.add_multi_constructor("!", intrinsic)
     # A SafeLoader subclass that only adds constructors for intrinsic tags.
-    template: dict[str, Any] = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506  # nosec B506
+    template: dict[str, Any] = yaml.load((path or template_path()).read_text(), Loader=Loader)  # noqa: S506  # nosec B506
     return template
 
 
-def resource(logical_id: str, path: Path = TEMPLATE_PATH) -> dict[str, Any]:
+def resource(logical_id: str, path: Path | None = None) -> dict[str, Any]:
     """One resource's definition (``Type``, ``Properties``, ...)."""
     definition: dict[str, Any] = load_template(path)["Resources"][logical_id]
     return definition

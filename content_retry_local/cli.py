@@ -37,19 +37,33 @@ def _describe(environment: object) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from content_retry.local.demo import run_demo
-    from content_retry.local.environment import local_environment
+    from content_retry_local.demo import run_demo
+    from content_retry_local.environment import given_targets, local_environment
 
+    given = given_targets()
+    if given:
+        # Checked before anything starts or connects: the demo re-seeds its
+        # roadmap, drains its queues and cuts its worker's database connection
+        # to stage the fault, which it may only do to what it started itself.
+        print(
+            f"error: content-retry demo refuses to run with {', '.join(given)} set. It stages "
+            "a fault (it re-seeds its roadmap, drains its queues and terminates its worker's "
+            "database session), so it runs only against the embedded PostgreSQL and the moto "
+            "server it starts itself. Unset those variables to run it; against a real database "
+            "and AWS, use invoke, drain, redrive and status.",
+            file=sys.stderr,
+        )
+        return 2
     # The demo narrates what the handlers do; their own events are for --verbose.
     _quiet_handlers(args.verbose, level="CRITICAL")
     print("content-retry demo: the seed's failure and its repair, on this machine")
     with local_environment(aws="thread") as environment:
         print(f"   database: {environment.database}, AWS: {environment.aws}\n")
-        return run_demo()
+        return run_demo(environment)
 
 
 def _db_init(args: argparse.Namespace) -> int:
-    from content_retry.local.environment import local_environment
+    from content_retry_local.environment import local_environment
 
     with local_environment(aws="none") as environment:
         _describe(environment)
@@ -58,8 +72,8 @@ def _db_init(args: argparse.Namespace) -> int:
 
 
 def _invoke(args: argparse.Namespace) -> int:
-    from content_retry.local.environment import local_environment
-    from content_retry.local.lambda_runtime import invoke
+    from content_retry_local.environment import local_environment
+    from content_retry_local.lambda_runtime import invoke
 
     try:
         event = json.loads(Path(args.event).read_text())
@@ -76,9 +90,9 @@ def _invoke(args: argparse.Namespace) -> int:
 
 def _drain(args: argparse.Namespace) -> int:
     from content_retry.aws import client
-    from content_retry.local.environment import local_environment
-    from content_retry.local.lambda_runtime import DrainReport, drain, queue_depth
     from content_retry.settings import get_settings
+    from content_retry_local.environment import local_environment
+    from content_retry_local.lambda_runtime import DrainReport, drain, queue_depth
 
     _quiet_handlers(args.verbose)
     with local_environment() as environment:
@@ -105,9 +119,9 @@ def _drain(args: argparse.Namespace) -> int:
 
 def _redrive(args: argparse.Namespace) -> int:
     from content_retry.aws import client
-    from content_retry.local.environment import local_environment
-    from content_retry.local.lambda_runtime import redrive
     from content_retry.settings import get_settings
+    from content_retry_local.environment import local_environment
+    from content_retry_local.lambda_runtime import redrive
 
     with local_environment() as environment:
         _describe(environment)
@@ -128,8 +142,8 @@ def _redrive(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from content_retry.local.environment import local_environment
-    from content_retry.local.http_api import DEV_USER_HEADER, make_server
+    from content_retry_local.environment import local_environment
+    from content_retry_local.http_api import DEV_USER_HEADER, make_server
 
     _quiet_handlers(args.verbose)
     with local_environment() as environment:
@@ -167,7 +181,7 @@ def _status(args: argparse.Namespace) -> int:
 
     from content_retry.database import get_engine
     from content_retry.ledger import task_status
-    from content_retry.local.environment import local_environment
+    from content_retry_local.environment import local_environment
 
     try:
         task_id = str(UUID(args.task_id))
@@ -208,8 +222,8 @@ def _openapi(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from content_retry.local.aws import stop_background_moto
-    from content_retry.local.environment import LOCAL_STATE_DIR
+    from content_retry_local.aws import stop_background_moto
+    from content_retry_local.environment import LOCAL_STATE_DIR
 
     stopped = stop_background_moto(LOCAL_STATE_DIR)
     print("stopped the background moto server" if stopped else "no background moto server running")
@@ -277,9 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
+    from content_retry.settings import SettingsError
+    from content_retry_local.project import ProjectNotFoundError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
+    except (SettingsError, ProjectNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
