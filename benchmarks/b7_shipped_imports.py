@@ -113,7 +113,6 @@ def _report(samples: dict[tuple[str, str], list[float]]) -> Result:
         ID,
         WHAT,
         GOAL,
-        ", ".join(f"{function} {ratio:.2f}x" for function, ratio in ratios.items())
-        + " the floor",
+        ", ".join(f"{function} {ratio:.2f}x" for function, ratio in ratios.items()) + " the floor",
         worst <= 1.15,
     )

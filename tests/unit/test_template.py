@@ -118,7 +118,14 @@ def test_runtime_architecture_and_layer_build() -> None:
         ["arm64"],
         "Active",
     )
-    assert layer["Metadata"]["BuildMethod"] == "python3.12"
+    # The layer is built by its own Makefile (the recipe `make layer` runs), for the
+    # functions' architecture by default.
+    assert layer["Metadata"]["BuildMethod"] == "makefile"
+    assert layer["Metadata"]["BuildArchitecture"] == "arm64"
+    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
+    makefile = (REPO_ROOT / layer["Properties"]["ContentUri"] / "Makefile").read_text()
+    assert "build-CommonLayer:" in makefile
+    assert "\nARCH ?= aarch64\n" in makefile
     # SnapStart is the deployer's choice; events always invoke the published alias
     assert globals_["SnapStart"]["ApplyOn"].value == "SnapStart"
     assert globals_["AutoPublishAlias"] == "live"
