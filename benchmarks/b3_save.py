@@ -56,7 +56,8 @@ from content_retry.content_types import ContentType
 from content_retry.database import build_engine
 from content_retry.generated import TutorialContent
 from content_retry.generators.template import TemplateGenerator
-from content_retry.messages import MessageConcept, Preferences, messages_for_plan
+from content_retry.concepts import Concept
+from content_retry.messages import Preferences, messages_for_plan
 from content_retry.observability import metrics
 from content_retry.plan import RetryPlan, build_retry_plan
 from content_retry.worker import WorkerDependencies, handle_retry_batch
@@ -154,7 +155,7 @@ class RawLoop:
         for concept_plan in plan.concepts:
             concept = concept_plan.concept
             content = generator.generate(
-                MessageConcept(
+                Concept(
                     concept_id=concept.concept_id,
                     name=concept.name or concept.concept_id,
                     description=concept.description,

@@ -175,37 +175,21 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from uuid import UUID
-
-    from sqlalchemy.orm import Session
-
     from content_retry.database import get_engine
-    from content_retry.ledger import task_status
+    from content_retry.tasks import read_task
     from content_retry_local.environment import local_environment
 
     try:
-        task_id = str(UUID(args.task_id))
+        with local_environment(aws="none"), get_engine().connect() as connection:
+            found = read_task(connection, args.task_id)
     except ValueError:
         print(f"error: {args.task_id!r} is not a task id (a UUID)", file=sys.stderr)
         return 2
-    with local_environment(aws="none"), Session(get_engine()) as session:
-        task = task_status(session, task_id)
-    if task is None:
-        print(f"error: no task {task_id}", file=sys.stderr)
+    if found is None:
+        print(f"error: no task {args.task_id}", file=sys.stderr)
         return 1
-    print(
-        json.dumps(
-            {
-                "task_id": task.task_id,
-                "roadmap_id": task.roadmap_id,
-                "status": task.status,
-                "counts": task.counts(),
-                "last_error": task.last_error,
-                "items": [vars(item) for item in task.items],
-            },
-            indent=2,
-        )
-    )
+    # The same view GET /retry-tasks/{task_id} answers with.
+    print(found[0].model_dump_json(indent=2))
     return 0
 
 

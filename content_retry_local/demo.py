@@ -15,16 +15,16 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
 
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import ContentModel
 from content_retry.generators.template import TemplateGenerator
-from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from content_retry.messages import Preferences, RetryMessage
 from content_retry_local.environment import LocalEnvironment
 from content_retry_local.lambda_runtime import (
     DrainReport,
@@ -66,7 +66,7 @@ class DemoGenerator:
         self.dropped_for: str | None = None
 
     def generate(
-        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
     ) -> ContentModel:
         self.calls += 1
         content = self._template.generate(concept, content_type, preferences)
@@ -143,8 +143,8 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
         raise ValueError(f"the demo runs only on what it started itself, not on {environment}")
     from content_retry.aws import client
     from content_retry.database import get_engine
-    from content_retry.generators import use_generator
     from content_retry.settings import get_settings
+    from content_retry.worker import default_worker_dependencies
 
     started = time.monotonic()
     settings = get_settings()
@@ -160,11 +160,11 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
     say = demo.say
 
     # 1. The seed, fresh each run (the demo's roadmap only: nothing else is touched).
-    with Session(engine) as session, session.begin():
-        session.execute(
+    with engine.begin() as connection:
+        connection.execute(
             text("DELETE FROM roadmap_metadata WHERE roadmap_id = :r"), {"r": SEED_ROADMAP_ID}
         )
-        scenario = seed_scenario(session, other_failures=True)
+        scenario = seed_scenario(connection, other_failures=True)
     # Its own moto server, started empty: nothing to purge, nothing anyone else's.
     demo.check(
         queue_depth(demo.sqs, demo.queue_url) == 0 and queue_depth(demo.sqs, demo.dlq_url) == 0,
@@ -195,9 +195,9 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
     from content_retry.plan import build_retry_plan
 
     old = old_status_only_rule(framework, "content_status")
-    with Session(engine) as session:
-        plan = build_retry_plan(session, SEED_ROADMAP_ID, ["tutorial"])
-        session.rollback()
+    with engine.connect() as connection:
+        plan = build_retry_plan(connection, SEED_ROADMAP_ID, ["tutorial"])
+        connection.rollback()
     reasons = plan.count_by_reason()
     say("2. Which tutorials need a retry?")
     say(f'   the old worker\'s rule (content_status == "failed"):  {len(old)}')
@@ -227,10 +227,10 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
 
     # 4. Drain through the generate handler; one save loses its connection.
     generator = DemoGenerator(worker_sessions.terminate, fail_on_call=8)
-    use_generator(generator)
+    worker = replace(default_worker_dependencies(), generator=generator)
     try:
         say("4. The generate function drains the queue (the 8th save loses its connection)")
-        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("generate", queued))
+        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("generate", queued), deps=worker)
         dead = demo.sqs.receive_message(
             QueueUrl=demo.dlq_url,
             MaxNumberOfMessages=10,
@@ -253,7 +253,9 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
         # 5. Re-drive: the content is saved without calling the LLM again.
         moved = redrive(demo.sqs, demo.dlq_url, demo.queue_url, use_move_task=False)
         say(f"5. Re-drive: {moved.moved} message(s) moved back ({moved.method}); draining again")
-        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("re-drive", moved.moved))
+        drain(
+            demo.sqs, demo.queue_url, on_batch=demo.progress("re-drive", moved.moved), deps=worker
+        )
         say(
             f"   LLM calls before the re-drive: {calls_before_redrive}, after: {generator.calls} "
             f"(the saved content came from the message)"
@@ -266,19 +268,19 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
         sweep = invoke("detect", sweep_event)
         say(f"6. The schedule sweep (events/schedule-sweep.json) -> {json.dumps(sweep)}")
         swept = queue_depth(demo.sqs, demo.queue_url)
-        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("sweep", swept))
+        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("sweep", swept), deps=worker)
         demo.check(sweep.get("retried_count") == 5, "the sweep should plan the 5 failed items")
         say()
     finally:
-        use_generator(None)
         worker_sessions.close()
 
     # The end state.
     after = demo.rows_by_status()
-    from content_retry.ledger import task_status
+    from content_retry.tasks import read_task
 
-    with Session(engine) as session:
-        task = task_status(session, task_id)
+    with engine.connect() as connection:
+        found = read_task(connection, task_id)
+    task = found[0] if found else None
     framework = demo.framework()
     concept_statuses = Counter(
         (key, concept.get(key))
@@ -309,7 +311,7 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
     )
     say(f"   DLQ depth: {dlq_depth}   retry queue depth: {queue_left}")
     if task is not None:
-        say(f"   task {task.task_id}: {task.status} {task.counts()}")
+        say(f"   task {task.task_id}: {task.status} {task.counts.model_dump()}")
     say("   check it yourself:")
     say(f"     {CHECK_SQL}")
     say(f"   the steps above took {time.monotonic() - started:.1f} s (start-up not included)")

@@ -67,8 +67,9 @@ def local_environment(
             ``"none"`` needs no AWS.
     """
     from content_retry.aws import bedrock_runtime_client, client
-    from content_retry.database import create_missing, get_engine
+    from content_retry.database import get_engine
     from content_retry_local.postgres import start_embedded_postgres
+    from content_retry_local.schema import create_missing
 
     settings = get_settings()
     described = LocalEnvironment(database="given", aws="given")

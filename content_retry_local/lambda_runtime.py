@@ -19,7 +19,7 @@ from content_retry_local.template import resource
 
 FUNCTIONS = {"detect": "DetectFunction", "generate": "GenerateFunction"}
 
-Handler = Callable[[Any, Any], Any]
+Handler = Callable[..., Any]
 
 
 @dataclass
@@ -72,9 +72,17 @@ def load_handler(function: str) -> Handler:
     return handler
 
 
-def invoke(function: str, event: Any) -> Any:
-    """Invoke a handler once, as ``sam local invoke -e`` would."""
-    return load_handler(function)(event, context_for(function))
+def invoke(function: str, event: Any, deps: Any = None) -> Any:
+    """Invoke a handler once, as ``sam local invoke -e`` would.
+
+    Args:
+        deps: the handler's dependencies, when not the process's own (the demo
+            passes a generator that counts its calls and stages a fault).
+    """
+    handler = load_handler(function)
+    if deps is None:
+        return handler(event, context_for(function))
+    return handler(event, context_for(function), deps=deps)
 
 
 LOCAL_QUEUE_ARN = "arn:aws:sqs:us-east-1:000000000000:content-retry-local"
@@ -144,6 +152,7 @@ def drain(
     batch_size: int | None = None,
     max_batches: int = 10_000,
     on_batch: Callable[[DrainReport, int, int], None] | None = None,
+    deps: Any = None,
 ) -> DrainReport:
     """Lambda's SQS poller, locally: receive, invoke generate, delete what succeeded.
 
@@ -156,6 +165,7 @@ def drain(
         batch_size: records per invocation; default the template's BatchSize.
         on_batch: called after each batch with the report so far, the batch's
             size and its failures (progress display).
+        deps: the generate handler's dependencies, when not the process's own.
     """
     if batch_size is None:
         event = resource("GenerateFunction")["Properties"]["Events"]["RetryMessages"]
@@ -174,7 +184,8 @@ def drain(
         ).get("Messages", [])
         if not messages:
             break
-        response = invoke("generate", {"Records": [_record_of(m, queue_arn) for m in messages]})
+        records = [_record_of(message, queue_arn) for message in messages]
+        response = invoke("generate", {"Records": records}, deps)
         failed_ids = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
         done = [m for m in messages if m["MessageId"] not in failed_ids]
         if done:

@@ -11,8 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 from content_retry.content_types import STORAGE, ContentType
 
@@ -146,7 +145,7 @@ def single_module_framework(concepts: Iterable[ConceptSeed]) -> dict[str, Any]:
 
 
 def insert_roadmap(
-    session: Session,
+    connection: Connection,
     roadmap_id: str,
     user_id: str,
     framework_data: dict[str, Any],
@@ -155,7 +154,7 @@ def insert_roadmap(
     age_minutes: int = 0,
 ) -> None:
     """Insert a roadmap row; ``age_minutes`` backdates created_at/updated_at."""
-    session.execute(
+    connection.execute(
         text(
             "INSERT INTO roadmap_metadata (roadmap_id, user_id, title, framework_data, created_at, "
             "updated_at) VALUES (:roadmap_id, :user_id, :title, CAST(:framework AS jsonb), "
@@ -172,7 +171,7 @@ def insert_roadmap(
 
 
 def insert_content_row(
-    session: Session,
+    connection: Connection,
     content_type: ContentType,
     roadmap_id: str,
     concept_id: str,
@@ -189,7 +188,7 @@ def insert_content_row(
         ContentType.QUIZ: ("questions", json.dumps([])),
     }[content_type]
     cast = "CAST(:payload AS jsonb)" if content_type is not ContentType.TUTORIAL else ":payload"
-    session.execute(
+    connection.execute(
         text(
             f"INSERT INTO {storage.table} (roadmap_id, concept_id, title, {payload_column}, "  # noqa: S608  # nosec B608
             f"content_status, content_version, is_latest) VALUES (:roadmap_id, :concept_id, "
@@ -217,7 +216,7 @@ class SeedScenario:
     failed_resources: tuple[str, ...]
 
 
-def seed_scenario(session: Session, *, other_failures: bool = False) -> SeedScenario:
+def seed_scenario(connection: Connection, *, other_failures: bool = False) -> SeedScenario:
     """Insert the seed's roadmap: 31 concepts, 10 tutorials completed, 21 lost.
 
     The 21 lost tutorials were generated but never saved (the pool was
@@ -263,7 +262,7 @@ def seed_scenario(session: Session, *, other_failures: bool = False) -> SeedScen
         }
 
     insert_roadmap(
-        session,
+        connection,
         SEED_ROADMAP_ID,
         SEED_USER_ID,
         build_framework(stages),
@@ -273,14 +272,16 @@ def seed_scenario(session: Session, *, other_failures: bool = False) -> SeedScen
     for concept in concepts:
         if concept.concept_id in completed:
             insert_content_row(
-                session, ContentType.TUTORIAL, SEED_ROADMAP_ID, concept.concept_id, "completed"
+                connection, ContentType.TUTORIAL, SEED_ROADMAP_ID, concept.concept_id, "completed"
             )
         for content_type, failed in (
             (ContentType.RESOURCES, failed_resources),
             (ContentType.QUIZ, failed_quizzes),
         ):
             status = "failed" if concept.concept_id in failed else "completed"
-            insert_content_row(session, content_type, SEED_ROADMAP_ID, concept.concept_id, status)
+            insert_content_row(
+                connection, content_type, SEED_ROADMAP_ID, concept.concept_id, status
+            )
     return SeedScenario(
         roadmap_id=SEED_ROADMAP_ID,
         user_id=SEED_USER_ID,

@@ -7,27 +7,25 @@ at the end of the session.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from moto import mock_aws
-from sqlalchemy import Engine, event, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, event, text
 
-from content_retry.aws import client
-from content_retry.database import build_engine, create_missing, get_engine
-from content_retry.database.schema import metadata
+from content_retry.database import build_engine
 from content_retry.settings import Settings, get_settings
 from content_retry_local.postgres import start_embedded_postgres
+from content_retry_local.schema import create_missing, metadata
 from content_retry_local.template import create_queues
+from tests import support
+from tests.support import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["REPO_ROOT"]
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +60,10 @@ def db(engine: Engine) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def session(db: Engine) -> Iterator[Session]:
-    with Session(db) as session:
-        yield session
+def connection(db: Engine) -> Iterator[Connection]:
+    """A connection to the test database; the test commits what it wants kept."""
+    with db.connect() as connection:
+        yield connection
 
 
 @pytest.fixture
@@ -111,12 +110,7 @@ def count_statements(db: Engine) -> StatementCounter:
 @pytest.fixture
 def load_event() -> Callable[[str], dict[str, Any]]:
     """The JSON of ``events/NAME`` (the same files ``sam local invoke -e`` takes)."""
-
-    def load(name: str) -> dict[str, Any]:
-        event: dict[str, Any] = json.loads((REPO_ROOT / "events" / name).read_text())
-        return event
-
-    return load
+    return support.load_event
 
 
 @dataclass
@@ -167,17 +161,9 @@ def queues(env: pytest.MonkeyPatch, db: Engine) -> Iterator[Queues]:
         queue_url, dlq_url = create_queues(sqs)
         env.setenv("RETRY_QUEUE_URL", queue_url)
         env.setenv("RETRY_DLQ_URL", dlq_url)
-        _reset_process_caches()
+        support.reset_process_caches()
         yield Queues(sqs, queue_url, dlq_url)
-        _reset_process_caches()
-
-
-def _reset_process_caches() -> None:
-    get_settings.cache_clear()
-    client.cache_clear()
-    if get_engine.cache_info().currsize:
-        get_engine().dispose()
-    get_engine.cache_clear()
+        support.reset_process_caches()
 
 
 @dataclass

@@ -9,10 +9,15 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from content_retry.detect import handle_detect_event
 from content_retry.observability import logger, metrics, tracer
+from content_retry.retries import DetectDependencies
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return handle_detect_event(event, context)
+def lambda_handler(
+    event: dict[str, Any], context: LambdaContext, deps: DetectDependencies | None = None
+) -> dict[str, Any]:
+    """Lambda calls it with ``event`` and ``context``; tests and local tools may
+    pass their own ``deps`` (engine, SQS client, settings)."""
+    return handle_detect_event(event, context, deps)

@@ -7,11 +7,15 @@ from typing import Any
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from content_retry.observability import logger, metrics, tracer
-from content_retry.worker import handle_retry_batch
+from content_retry.worker import WorkerDependencies, handle_retry_batch
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 @metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return handle_retry_batch(event, context)
+def lambda_handler(
+    event: dict[str, Any], context: LambdaContext, deps: WorkerDependencies | None = None
+) -> dict[str, Any]:
+    """Lambda calls it with ``event`` and ``context``; tests and local tools may
+    pass their own ``deps`` (engine, SQS client, settings, generator)."""
+    return handle_retry_batch(event, context, deps)

@@ -11,16 +11,16 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
-from sqlalchemy import Engine, make_url, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, make_url, text
 
-from content_retry.database import build_engine, create_missing
+from content_retry.database import build_engine
 from content_retry.database.engine import (
     iam_connect_params,
     normalise_database_url,
     secret_connect_params,
 )
 from content_retry.settings import Settings, SettingsError
+from content_retry_local.schema import create_missing
 from content_retry_local.seed import seed_scenario
 from tests.conftest import REPO_ROOT
 
@@ -32,21 +32,23 @@ def _socket_dir(database_url: str) -> str:
     return unix_sock.rsplit("/", 1)[0]
 
 
-def test_db_init_twice_creates_nothing_and_keeps_every_row(session: Session, db: Engine) -> None:
+def test_db_init_twice_creates_nothing_and_keeps_every_row(
+    connection: Connection, db: Engine
+) -> None:
     # GIVEN a database holding the seed's rows
-    seed_scenario(session, other_failures=True)
-    session.commit()
-    before = session.execute(text("SELECT count(*) FROM tutorials")).scalar_one()
+    seed_scenario(connection, other_failures=True)
+    connection.commit()
+    before = connection.execute(text("SELECT count(*) FROM tutorials")).scalar_one()
 
     # WHEN db init runs again, twice
-    with db.begin() as connection:
-        first = create_missing(connection)
-    with db.begin() as connection:
-        second = create_missing(connection)
+    with db.begin() as init:
+        first = create_missing(init)
+    with db.begin() as init:
+        second = create_missing(init)
 
     # THEN nothing was created and nothing was lost
     assert first == [] and second == []
-    assert session.execute(text("SELECT count(*) FROM tutorials")).scalar_one() == before == 10
+    assert connection.execute(text("SELECT count(*) FROM tutorials")).scalar_one() == before == 10
 
 
 def test_db_init_never_alters_an_existing_table(database_url: str) -> None:
@@ -85,23 +87,23 @@ def test_db_init_never_alters_an_existing_table(database_url: str) -> None:
         engine.dispose()
 
 
-def test_the_contract_insert_naming_only_contract_columns_works(session: Session) -> None:
-    session.execute(
+def test_the_contract_insert_naming_only_contract_columns_works(connection: Connection) -> None:
+    connection.execute(
         text(
             "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data) VALUES ('r', 'u', '{}')"
         )
     )
-    session.execute(
+    connection.execute(
         text(
             "INSERT INTO quizzes (roadmap_id, concept_id, content_status) VALUES ('r', 'c', 'failed')"
         )
     )
-    row = session.execute(text("SELECT content_version, is_latest, id FROM quizzes")).one()
+    row = connection.execute(text("SELECT content_version, is_latest, id FROM quizzes")).one()
     assert row.content_version == 1 and row.is_latest is True and row.id
 
 
-def test_one_latest_row_per_concept_is_enforced(session: Session) -> None:
-    session.execute(
+def test_one_latest_row_per_concept_is_enforced(connection: Connection) -> None:
+    connection.execute(
         text(
             "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data) VALUES ('r', 'u', '{}')"
         )
@@ -109,9 +111,9 @@ def test_one_latest_row_per_concept_is_enforced(session: Session) -> None:
     insert = text(
         "INSERT INTO tutorials (roadmap_id, concept_id, content_status) VALUES ('r', 'c', 'completed')"
     )
-    session.execute(insert)
+    connection.execute(insert)
     with pytest.raises(Exception, match="tutorials_one_latest_per_concept"):
-        session.execute(insert)
+        connection.execute(insert)
 
 
 def test_engine_holds_one_connection_and_reconnects_after_it_is_killed(database_url: str) -> None:

@@ -11,13 +11,13 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
-from content_retry.detect import InvalidEventError, default_dependencies
+from content_retry.detect import InvalidEventError
 from content_retry.messages import RetryMessage
 from content_retry.plan import RoadmapNotFoundError
-from content_retry.retries import start_retry, sweep
+from content_retry.retries import DetectDependencies, start_retry
+from content_retry.sweep import sweep
 from content_retry_local.seed import (
     SEED_ROADMAP_ID,
     ConceptSeed,
@@ -28,6 +28,7 @@ from content_retry_local.seed import (
 )
 from functions.detect.app import lambda_handler
 from tests.conftest import FakeLambdaContext, Queues
+from tests.support import FlakySqs, detect_deps
 
 EventLoader = Any
 
@@ -54,8 +55,15 @@ def task_event(load_event: EventLoader, task_id: str) -> dict[str, Any]:
     return event
 
 
-def respond(event: dict[str, Any], context: FakeLambdaContext) -> tuple[int, dict[str, Any]]:
-    response = lambda_handler(event, context)
+@pytest.fixture
+def detect(queues: Queues, db: Engine) -> DetectDependencies:
+    return detect_deps(db, queues.sqs)
+
+
+def respond(
+    event: dict[str, Any], context: FakeLambdaContext, deps: DetectDependencies
+) -> tuple[int, dict[str, Any]]:
+    response = lambda_handler(event, context, deps=deps)
     return response["statusCode"], json.loads(response["body"])
 
 
@@ -65,18 +73,19 @@ def count_rows(engine: Engine, table: str) -> int:
 
 
 def test_seed_scenario_through_the_api_queues_21_self_contained_messages(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     load_event: EventLoader,
     lambda_context: FakeLambdaContext,
     caplog: pytest.LogCaptureFixture,
+    detect: DetectDependencies,
 ) -> None:
     # GIVEN the seed's roadmap: 21 tutorials lost, none marked failed
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
 
     # WHEN its owner asks for a retry through API Gateway
-    status, body = respond(load_event("api-retry.json"), lambda_context)
+    status, body = respond(load_event("api-retry.json"), lambda_context, detect)
 
     # THEN 21 items are queued as 21 messages, one per concept
     assert status == 202
@@ -105,13 +114,17 @@ def test_seed_scenario_through_the_api_queues_21_self_contained_messages(
 
 
 def test_task_status_lists_counts_and_items(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
-    _, created = respond(load_event("api-retry.json"), lambda_context)
+    seed_scenario(connection)
+    connection.commit()
+    _, created = respond(load_event("api-retry.json"), lambda_context, detect)
 
-    status, body = respond(task_event(load_event, created["task_id"]), lambda_context)
+    status, body = respond(task_event(load_event, created["task_id"]), lambda_context, detect)
 
     assert status == 200
     assert body["task_id"] == created["task_id"]
@@ -130,25 +143,31 @@ def test_task_status_lists_counts_and_items(
 
 
 def test_another_users_roadmap_and_task_are_not_found(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
-    _, created = respond(load_event("api-retry.json"), lambda_context)
-    tasks_before = count_rows(queues_engine(session), "retry_tasks")
+    seed_scenario(connection)
+    connection.commit()
+    _, created = respond(load_event("api-retry.json"), lambda_context, detect)
+    tasks_before = count_rows(detect.engine, "retry_tasks")
 
     # WHEN another signed-in user asks for the roadmap's retry and the task's status
-    post_status, post_body = respond(as_user(load_event("api-retry.json"), "u-7"), lambda_context)
+    post_status, post_body = respond(
+        as_user(load_event("api-retry.json"), "u-7"), lambda_context, detect
+    )
     get_status, get_body = respond(
-        as_user(task_event(load_event, created["task_id"]), "u-7"), lambda_context
+        as_user(task_event(load_event, created["task_id"]), "u-7"), lambda_context, detect
     )
     # ... and for a roadmap and a task that do not exist at all
     unknown = load_event("api-retry.json")
     unknown["pathParameters"] = {"roadmap_id": "no-such-roadmap"}
     unknown["path"] = "/roadmaps/no-such-roadmap/retry"
-    unknown_status, unknown_body = respond(unknown, lambda_context)
+    unknown_status, unknown_body = respond(unknown, lambda_context, detect)
     missing_task, _ = respond(
-        task_event(load_event, "6f1c7f0e-0000-4000-8000-000000000000"), lambda_context
+        task_event(load_event, "6f1c7f0e-0000-4000-8000-000000000000"), lambda_context, detect
     )
 
     # THEN both are 404, worded alike, so existence is never revealed; nothing was written
@@ -158,34 +177,36 @@ def test_another_users_roadmap_and_task_are_not_found(
         unknown_body,
     )
     assert post_body == unknown_body
-    assert count_rows(queues_engine(session), "retry_tasks") == tasks_before
-
-
-def queues_engine(session: Session) -> Engine:
-    engine = session.get_bind()
-    assert isinstance(engine, Engine)
-    return engine
+    assert count_rows(detect.engine, "retry_tasks") == tasks_before
 
 
 @pytest.mark.parametrize("event_name", ["api-retry.json", "api-task-status.json"])
 def test_no_identity_is_401(
-    queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext, event_name: str
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    event_name: str,
+    detect: DetectDependencies,
 ) -> None:
-    status, body = respond(as_user(load_event(event_name), None), lambda_context)
+    status, body = respond(as_user(load_event(event_name), None), lambda_context, detect)
 
     assert status == 401
     assert "identity" in body["message"]
 
 
 def test_identity_from_a_lambda_authorizer_principal(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
     event = load_event("api-retry.json")
     event["requestContext"]["authorizer"] = {"principalId": "u-42"}
 
-    status, body = respond(event, lambda_context)
+    status, body = respond(event, lambda_context, detect)
 
     assert (status, body["retried_count"]) == (202, 21)
 
@@ -203,44 +224,52 @@ def test_identity_from_a_lambda_authorizer_principal(
     ],
 )
 def test_bad_bodies_get_their_contract_answer_and_write_nothing(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     load_event: EventLoader,
     lambda_context: FakeLambdaContext,
     body: str,
     status: int,
     expected: str,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
 
-    answer, payload = respond(with_body(load_event("api-retry.json"), body), lambda_context)
+    answer, payload = respond(with_body(load_event("api-retry.json"), body), lambda_context, detect)
 
     assert answer == status
     assert expected in payload["message"]
     assert payload["success"] is False
-    assert count_rows(queues_engine(session), "retry_tasks") == 0
+    assert count_rows(detect.engine, "retry_tasks") == 0
     assert queues.depth() == 0
 
 
 def test_oversize_body_is_413(
-    queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
     body = json.dumps({"content_types": ["tutorial"], "pad": "x" * 20_000})
 
-    status, payload = respond(with_body(load_event("api-retry.json"), body), lambda_context)
+    status, payload = respond(with_body(load_event("api-retry.json"), body), lambda_context, detect)
 
     assert status == 413
     assert "bytes" in payload["message"]
 
 
 def test_no_body_means_every_content_type(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session, other_failures=True)
-    session.commit()
+    seed_scenario(connection, other_failures=True)
+    connection.commit()
 
-    status, body = respond(with_body(load_event("api-retry.json"), None), lambda_context)
+    status, body = respond(with_body(load_event("api-retry.json"), None), lambda_context, detect)
 
     assert status == 202
     assert body["items"] == {"tutorial": 21, "resources": 2, "quiz": 3}
@@ -250,14 +279,18 @@ def test_no_body_means_every_content_type(
 
 
 def test_nothing_to_retry_is_200_with_no_task(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
     concept = ConceptSeed("c1", "Done", "d", {"content_status": "completed"})
-    insert_roadmap(session, SEED_ROADMAP_ID, "u-42", single_module_framework([concept]))
-    insert_content_row(session, _tutorial(), SEED_ROADMAP_ID, "c1", "completed")
-    session.commit()
+    insert_roadmap(connection, SEED_ROADMAP_ID, "u-42", single_module_framework([concept]))
+    insert_content_row(connection, _tutorial(), SEED_ROADMAP_ID, "c1", "completed")
+    connection.commit()
 
-    status, body = respond(load_event("api-retry.json"), lambda_context)
+    status, body = respond(load_event("api-retry.json"), lambda_context, detect)
 
     assert status == 200
     assert (body["retried_count"], body["task_id"]) == (0, None)
@@ -271,62 +304,33 @@ def _tutorial() -> Any:
 
 
 def test_the_same_request_twice_enqueues_nothing_twice(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
 
-    first = respond(load_event("api-retry.json"), lambda_context)
-    second = respond(load_event("api-retry.json"), lambda_context)
+    first = respond(load_event("api-retry.json"), lambda_context, detect)
+    second = respond(load_event("api-retry.json"), lambda_context, detect)
 
     assert (first[0], first[1]["retried_count"]) == (202, 21)
     assert (second[0], second[1]["retried_count"], second[1]["task_id"]) == (200, 0, None)
     assert queues.depth() == 21
 
 
-class FailingSqs:
-    """moto's SQS, except that SendMessageBatch fails the entries of chosen concepts."""
-
-    def __init__(self, sqs: Any, failing_concepts: set[str], *, crash: bool = False) -> None:
-        self._sqs = sqs
-        self.failing = failing_concepts
-        self.crash = crash
-        self.calls = 0
-
-    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:
-        self.calls += 1
-        if self.crash:
-            raise SystemExit("the function was stopped between commit and send")
-        failed = [
-            e
-            for e in Entries
-            if json.loads(e["MessageBody"])["concept"]["concept_id"] in self.failing
-        ]
-        ok = [e for e in Entries if e not in failed]
-        response = self._sqs.send_message_batch(QueueUrl=QueueUrl, Entries=ok) if ok else {}
-        return {
-            "Successful": response.get("Successful", []),
-            "Failed": [
-                {
-                    "Id": e["Id"],
-                    "SenderFault": False,
-                    "Code": "InternalError",
-                    "Message": "injected",
-                }
-                for e in failed
-            ],
-        }
-
-
 def test_a_send_failure_releases_the_claim_and_the_task_says_so(
-    session: Session, queues: Queues, monkeypatch: pytest.MonkeyPatch
+    connection: Connection,
+    queues: Queues,
+    detect: DetectDependencies,
 ) -> None:
     # GIVEN the seed, and a queue that keeps refusing two concepts' messages
-    seed_scenario(session)
-    session.commit()
-    deps = default_dependencies()
-    deps.sqs = FailingSqs(queues.sqs, {"c11", "c12"})
-    monkeypatch.setattr("content_retry.queue.time.sleep", lambda seconds: None)
+    seed_scenario(connection)
+    connection.commit()
+    deps = detect
+    deps.sqs = FlakySqs(queues.sqs, lambda body: body["concept"]["concept_id"] in {"c11", "c12"})
 
     # WHEN the retry is started
     outcome = start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
@@ -336,7 +340,7 @@ def test_a_send_failure_releases_the_claim_and_the_task_says_so(
     assert outcome.unsent_count == 2
     assert "could not be queued" in outcome.message
     assert queues.depth() == 19
-    with Session(deps.engine) as check:
+    with deps.engine.connect() as check:
         items = dict(
             check.execute(
                 text(
@@ -353,12 +357,16 @@ def test_a_send_failure_releases_the_claim_and_the_task_says_so(
     assert again.retried_count == 2
 
 
-def test_a_crash_between_commit_and_send_loses_nothing(session: Session, queues: Queues) -> None:
+def test_a_crash_between_commit_and_send_loses_nothing(
+    connection: Connection,
+    queues: Queues,
+    detect: DetectDependencies,
+) -> None:
     # GIVEN a detect run that dies after committing its claims, before sending
-    seed_scenario(session)
-    session.commit()
-    deps = default_dependencies()
-    deps.sqs = FailingSqs(queues.sqs, set(), crash=True)
+    seed_scenario(connection)
+    connection.commit()
+    deps = detect
+    deps.sqs = FlakySqs(queues.sqs, crash=True)
     with pytest.raises(SystemExit):
         start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
     assert queues.depth() == 0
@@ -371,7 +379,7 @@ def test_a_crash_between_commit_and_send_loses_nothing(session: Session, queues:
     )
 
     # ...and once the lease has passed, the next request plans all 21 again
-    with Session(deps.engine) as age, age.begin():
+    with deps.engine.begin() as age:
         age.execute(text("UPDATE retry_items SET claimed_at = claimed_at - interval '61 minutes'"))
     again = start_retry(deps, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="api")
     assert again.retried_count == 21
@@ -379,12 +387,16 @@ def test_a_crash_between_commit_and_send_loses_nothing(session: Session, queues:
 
 
 def test_direct_invoke_returns_the_api_body(
-    session: Session, queues: Queues, load_event: EventLoader, lambda_context: FakeLambdaContext
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
-    seed_scenario(session, other_failures=True)
-    session.commit()
+    seed_scenario(connection, other_failures=True)
+    connection.commit()
 
-    body = lambda_handler(load_event("direct-invoke.json"), lambda_context)
+    body = lambda_handler(load_event("direct-invoke.json"), lambda_context, deps=detect)
 
     assert body["success"] is True
     assert body["retried_count"] == 26
@@ -392,10 +404,12 @@ def test_direct_invoke_returns_the_api_body(
 
 
 def test_direct_invoke_of_an_unknown_roadmap_raises(
-    queues: Queues, lambda_context: FakeLambdaContext
+    queues: Queues,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
 ) -> None:
     with pytest.raises(RoadmapNotFoundError):
-        lambda_handler({"roadmap_id": "nope"}, lambda_context)
+        lambda_handler({"roadmap_id": "nope"}, lambda_context, deps=detect)
 
 
 @pytest.mark.parametrize(
@@ -409,13 +423,19 @@ def test_direct_invoke_of_an_unknown_roadmap_raises(
     ],
 )
 def test_invalid_events_are_refused_with_what_is_accepted(
-    queues: Queues, lambda_context: FakeLambdaContext, event: Any, named: str
+    queues: Queues,
+    lambda_context: FakeLambdaContext,
+    event: Any,
+    named: str,
+    detect: DetectDependencies,
 ) -> None:
     with pytest.raises(InvalidEventError, match=named):
-        lambda_handler(event, lambda_context)
+        lambda_handler(event, lambda_context, deps=detect)
 
 
-def _seed_sweep_roadmaps(session: Session, *, total: int, needing_work: int, young: int) -> None:
+def _seed_sweep_roadmaps(
+    connection: Connection, *, total: int, needing_work: int, young: int
+) -> None:
     """``total`` one-concept roadmaps, a day old: ``needing_work`` of them lack a
     tutorial; ``young`` more lack one but were updated a minute ago."""
     complete = {
@@ -424,7 +444,7 @@ def _seed_sweep_roadmaps(session: Session, *, total: int, needing_work: int, you
         "quiz_status": "completed",
     }
     lost = {**complete, "content_status": None}
-    session.execute(
+    connection.execute(
         text(
             "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data, updated_at) "
             "SELECT 'r' || n, 'u-' || n, jsonb_build_object('stages', jsonb_build_array("
@@ -446,7 +466,7 @@ def _seed_sweep_roadmaps(session: Session, *, total: int, needing_work: int, you
         },
     )
     for table in ("tutorials", "resource_recommendations", "quizzes"):
-        session.execute(
+        connection.execute(
             text(
                 f"INSERT INTO {table} (roadmap_id, concept_id, content_status) "
                 "SELECT 'r' || n, 'c1', 'completed' FROM generate_series(1, :total) AS n "
@@ -454,27 +474,27 @@ def _seed_sweep_roadmaps(session: Session, *, total: int, needing_work: int, you
             ),
             {"total": total, "lost": needing_work + young},
         )
-    session.commit()
+    connection.commit()
 
 
 def test_sweep_plans_what_needs_work_within_its_bound_and_grace(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     load_event: EventLoader,
     lambda_context: FakeLambdaContext,
-    env: pytest.MonkeyPatch,
+    detect: DetectDependencies,
 ) -> None:
     # GIVEN 1,000 roadmaps: 10 lost a tutorial a day ago, 3 lost one a minute
     # ago (the platform may still be working on them), the rest are complete
-    _seed_sweep_roadmaps(session, total=1000, needing_work=10, young=3)
-    env.setenv("SWEEP_MAX_ROADMAPS", "4")
+    _seed_sweep_roadmaps(connection, total=1000, needing_work=10, young=3)
+    detect.settings = detect.settings.model_copy(update={"sweep_max_roadmaps": 4})
 
     # WHEN the schedule fires four times (Scheduler input, then classic events)
     runs = [
-        lambda_handler(load_event("schedule-sweep.json"), lambda_context),
-        lambda_handler(load_event("scheduled-event-classic.json"), lambda_context),
-        lambda_handler(load_event("schedule-sweep.json"), lambda_context),
-        lambda_handler(load_event("schedule-sweep.json"), lambda_context),
+        lambda_handler(load_event("schedule-sweep.json"), lambda_context, deps=detect),
+        lambda_handler(load_event("scheduled-event-classic.json"), lambda_context, deps=detect),
+        lambda_handler(load_event("schedule-sweep.json"), lambda_context, deps=detect),
+        lambda_handler(load_event("schedule-sweep.json"), lambda_context, deps=detect),
     ]
 
     # THEN each run took at most 4, until the 10 old ones were all planned; the young waited
@@ -484,14 +504,14 @@ def test_sweep_plans_what_needs_work_within_its_bound_and_grace(
     assert planned == {f"r{n}" for n in range(1, 11)}
 
 
-def test_sweep_finds_its_candidates_through_the_partial_index(session: Session) -> None:
-    _seed_sweep_roadmaps(session, total=1000, needing_work=10, young=0)
+def test_sweep_finds_its_candidates_through_the_partial_index(connection: Connection) -> None:
+    _seed_sweep_roadmaps(connection, total=1000, needing_work=10, young=0)
     # autovacuum keeps statistics current in production; here, right after the load
-    session.execute(text("ANALYZE"))
-    from content_retry.retries import _SWEEP_CANDIDATES
+    connection.execute(text("ANALYZE"))
+    from content_retry.sweep import _SWEEP_CANDIDATES
 
     plan = "\n".join(
-        session.execute(
+        connection.execute(
             text(f"EXPLAIN {_SWEEP_CANDIDATES.text}"),
             {"grace_minutes": 30, "lease_minutes": 60, "limit": 50},
         ).scalars()
@@ -511,7 +531,9 @@ def test_openapi_document_in_the_repo_is_current() -> None:
 
 
 def test_a_roadmap_the_sweep_cannot_plan_does_not_starve_the_others(
-    session: Session, queues: Queues, env: pytest.MonkeyPatch
+    connection: Connection,
+    queues: Queues,
+    detect: DetectDependencies,
 ) -> None:
     # GIVEN a roadmap the judge plans nothing for although its framework looks
     # unfinished ("processing" over completed rows: the platform may be at work),
@@ -526,16 +548,16 @@ def test_a_roadmap_the_sweep_cannot_plan_does_not_starve_the_others(
             "quiz_status": "completed",
         },
     )
-    insert_roadmap(session, "stuck", "u-1", single_module_framework([stuck]), age_minutes=600)
+    insert_roadmap(connection, "stuck", "u-1", single_module_framework([stuck]), age_minutes=600)
     for content_type in ("tutorial", "resources", "quiz"):
         from content_retry.content_types import ContentType
 
-        insert_content_row(session, ContentType(content_type), "stuck", "c1", "completed")
+        insert_content_row(connection, ContentType(content_type), "stuck", "c1", "completed")
     lost = ConceptSeed("c1", "B", "b", {"content_status": None})
-    insert_roadmap(session, "needs-work", "u-2", single_module_framework([lost]), age_minutes=60)
-    session.commit()
-    env.setenv("SWEEP_MAX_ROADMAPS", "1")
-    deps = default_dependencies()
+    insert_roadmap(connection, "needs-work", "u-2", single_module_framework([lost]), age_minutes=60)
+    connection.commit()
+    deps = detect
+    deps.settings = deps.settings.model_copy(update={"sweep_max_roadmaps": 1})
 
     # WHEN the sweep runs twice
     first, second = sweep(deps), sweep(deps)
@@ -547,7 +569,9 @@ def test_a_roadmap_the_sweep_cannot_plan_does_not_starve_the_others(
 
 
 def test_the_sweep_finds_a_failed_latest_row_the_framework_calls_completed(
-    session: Session, queues: Queues
+    connection: Connection,
+    queues: Queues,
+    detect: DetectDependencies,
 ) -> None:
     # GIVEN a roadmap whose framework says every item completed, but whose
     # latest quiz row failed: framework status alone never decides
@@ -559,18 +583,18 @@ def test_the_sweep_finds_a_failed_latest_row_the_framework_calls_completed(
         "quiz_status": "completed",
     }
     insert_roadmap(
-        session,
+        connection,
         "r1",
         "u-1",
         single_module_framework([ConceptSeed("c1", "A", "a", done)]),
         age_minutes=600,
     )
-    insert_content_row(session, ContentType.TUTORIAL, "r1", "c1", "completed")
-    insert_content_row(session, ContentType.RESOURCES, "r1", "c1", "completed")
-    insert_content_row(session, ContentType.QUIZ, "r1", "c1", "failed")
-    session.commit()
+    insert_content_row(connection, ContentType.TUTORIAL, "r1", "c1", "completed")
+    insert_content_row(connection, ContentType.RESOURCES, "r1", "c1", "completed")
+    insert_content_row(connection, ContentType.QUIZ, "r1", "c1", "failed")
+    connection.commit()
 
-    outcome = sweep(default_dependencies())
+    outcome = sweep(detect)
 
     assert (outcome.roadmaps_planned, outcome.retried_count) == (1, 1)
     message = json.loads(queues.receive_all()[0]["Body"])

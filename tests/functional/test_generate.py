@@ -6,93 +6,70 @@ the detect function from the seed's plan, the event JSON of events/.
 
 from __future__ import annotations
 
-import copy
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
 from content_retry.content_types import ContentType
-from content_retry.database import get_engine
-from content_retry.generated import ContentModel
+from content_retry.database import build_engine
 from content_retry.generators import (
     MalformedOutputError,
     PermanentGenerationError,
     TransientGenerationError,
 )
 from content_retry.generators.template import TemplateGenerator
-from content_retry.ledger import task_status
-from content_retry.messages import MessageConcept, Preferences, RetryMessage
+from content_retry.messages import RetryMessage
+from content_retry.retries import DetectDependencies
+from content_retry.settings import Settings
+from content_retry.tasks import read_task
+from content_retry.worker import WorkerDependencies
 from content_retry_local.seed import SEED_ROADMAP_ID, seed_scenario
 from content_retry_local.sessions import EngineSessions
 from functions.detect.app import lambda_handler as detect_handler
 from functions.generate.app import lambda_handler as generate_handler
 from tests.conftest import FakeLambdaContext, Queues
-
-
-class CountingGenerator:
-    """The template generator, counting calls; chosen items fail or run a hook."""
-
-    name = "counting"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self.failures: dict[tuple[str, str], Exception] = {}
-        self.before_call: Callable[[str, str], None] | None = None
-        self._template = TemplateGenerator()
-
-    def generate(
-        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
-        key = (concept.concept_id, content_type.value)
-        self.calls.append(key)
-        if self.before_call:
-            self.before_call(*key)
-        if key in self.failures:
-            raise self.failures[key]
-        return self._template.generate(concept, content_type, preferences)
+from tests.support import CountingGenerator, detect_deps, load_event, sqs_event, worker_deps
 
 
 @pytest.fixture
-def generator(monkeypatch: pytest.MonkeyPatch) -> CountingGenerator:
-    fake = CountingGenerator()
-    monkeypatch.setattr("content_retry.generators.get_generator", lambda: fake)
-    return fake
+def generator() -> CountingGenerator:
+    return CountingGenerator()
 
 
-def sqs_event(load_event: Callable[[str], dict[str, Any]], bodies: list[str]) -> dict[str, Any]:
-    """An SQS event shaped like events/sqs-retry-batch.json, carrying these bodies."""
-    template = load_event("sqs-retry-batch.json")["Records"][0]
-    records = []
-    for number, body in enumerate(bodies):
-        record = copy.deepcopy(template)
-        record["messageId"] = f"message-{number}"
-        record["body"] = body
-        records.append(record)
-    return {"Records": records}
+@pytest.fixture
+def detect(queues: Queues, db: Engine) -> DetectDependencies:
+    return detect_deps(db, queues.sqs)
+
+
+@pytest.fixture
+def worker(queues: Queues, db: Engine, generator: CountingGenerator) -> WorkerDependencies:
+    return worker_deps(db, queues.sqs, generator)
 
 
 def plan_messages(
-    session: Session, queues: Queues, load_event: Any, context: FakeLambdaContext, **seed: Any
+    connection: Connection,
+    queues: Queues,
+    detect: DetectDependencies,
+    context: FakeLambdaContext,
+    **seed: Any,
 ) -> list[str]:
     """Seed, ask detect to retry tutorials through the API, return the queued bodies."""
-    seed_scenario(session, **seed)
-    session.commit()
-    response = detect_handler(load_event("api-retry.json"), context)
+    seed_scenario(connection, **seed)
+    connection.commit()
+    response = detect_handler(load_event("api-retry.json"), context, deps=detect)
     assert response["statusCode"] == 202, response
     return [message["Body"] for message in queues.receive_all()]
 
 
 def run_batches(
-    bodies: list[str], load_event: Any, context: FakeLambdaContext, size: int = 5
+    bodies: list[str], worker: WorkerDependencies, context: FakeLambdaContext, size: int = 5
 ) -> list[str]:
     """Feed the bodies to the generate handler in batches; return the failed message ids."""
     failed: list[str] = []
     for start in range(0, len(bodies), size):
-        response = generate_handler(sqs_event(load_event, bodies[start : start + size]), context)
+        response = generate_handler(sqs_event(bodies[start : start + size]), context, deps=worker)
         failed += [failure["itemIdentifier"] for failure in response["batchItemFailures"]]
     return failed
 
@@ -133,19 +110,20 @@ def framework_statuses(engine: Engine, key: str) -> dict[str, Any]:
 
 
 def test_seed_scenario_end_to_end_saves_the_21_lost_tutorials(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
     # GIVEN the 21 messages detect queued for the seed's lost tutorials
-    bodies = plan_messages(session, queues, load_event, lambda_context)
+    bodies = plan_messages(connection, queues, detect, lambda_context)
     assert len(bodies) == 21
 
     # WHEN the generate function consumes them in batches of 5
-    failed = run_batches(bodies, load_event, lambda_context)
+    failed = run_batches(bodies, worker, lambda_context)
 
     # THEN all 31 tutorials are latest and completed, the 21 new ones as version 1...
     assert failed == []
@@ -155,11 +133,17 @@ def test_seed_scenario_end_to_end_saves_the_21_lost_tutorials(
     # ...the framework says so, the task is completed, and the LLM was called 21 times
     assert set(framework_statuses(db, "content_status").values()) == {"completed"}
     task_id = json.loads(bodies[0])["task_id"]
-    with Session(db) as check:
-        task = task_status(check, task_id)
-    assert task is not None
+    with db.connect() as check:
+        found = read_task(check, task_id)
+    assert found is not None
+    task = found[0]
     assert task.status == "completed"
-    assert task.counts() == {"queued": 0, "succeeded": 21, "failed": 0, "dead_lettered": 0}
+    assert task.counts.model_dump() == {
+        "queued": 0,
+        "succeeded": 21,
+        "failed": 0,
+        "dead_lettered": 0,
+    }
     assert len(generator.calls) == 21
     with db.connect() as connection:
         content = connection.execute(
@@ -170,18 +154,19 @@ def test_seed_scenario_end_to_end_saves_the_21_lost_tutorials(
 
 
 def test_the_same_record_delivered_twice_saves_one_version_and_calls_the_llm_once(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
     concept_id = json.loads(body)["concept"]["concept_id"]
 
-    first = generate_handler(sqs_event(load_event, [body]), lambda_context)
-    second = generate_handler(sqs_event(load_event, [body, body]), lambda_context)
+    first = generate_handler(sqs_event([body]), lambda_context, deps=worker)
+    second = generate_handler(sqs_event([body, body]), lambda_context, deps=worker)
 
     assert first["batchItemFailures"] == second["batchItemFailures"] == []
     with db.connect() as connection:
@@ -194,23 +179,24 @@ def test_the_same_record_delivered_twice_saves_one_version_and_calls_the_llm_onc
 
 
 def test_a_new_version_takes_latest_from_the_previous_one(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
     # GIVEN a failed quiz (version 1, latest) planned for retry
-    seed_scenario(session, other_failures=True)
-    session.commit()
+    seed_scenario(connection, other_failures=True)
+    connection.commit()
     event = load_event("api-retry.json")
     event["body"] = json.dumps({"content_types": ["quiz"]})
-    assert detect_handler(event, lambda_context)["statusCode"] == 202
+    assert detect_handler(event, lambda_context, deps=detect)["statusCode"] == 202
     bodies = [message["Body"] for message in queues.receive_all()]
 
     # WHEN it is regenerated
-    assert run_batches(bodies, load_event, lambda_context) == []
+    assert run_batches(bodies, worker, lambda_context) == []
 
     # THEN version 2 is the one latest row; version 1 is kept, no longer latest
     with db.connect() as connection:
@@ -225,23 +211,24 @@ def test_a_new_version_takes_latest_from_the_previous_one(
 
 
 def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redrive_saves_it(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
     # GIVEN one queued message, and a database that drops the worker's
     # connection while the LLM is answering (a proxy failover, a pool reaping it)
-    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
     concept_id = json.loads(body)["concept"]["concept_id"]
 
-    worker_sessions = EngineSessions(get_engine())
+    worker_sessions = EngineSessions(worker.engine)
     generator.before_call = lambda *_: worker_sessions.terminate()
 
     # WHEN the generate function processes it
-    response = generate_handler(sqs_event(load_event, [body]), lambda_context)
+    response = generate_handler(sqs_event([body]), lambda_context, deps=worker)
 
     # THEN the record is acknowledged, nothing was half-saved, and the DLQ holds
     # the message with the generated content and the reason
@@ -260,7 +247,7 @@ def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redriv
     # WHEN that message is re-driven (the database is back)
     generator.before_call = None
     calls_before = len(generator.calls)
-    response = generate_handler(sqs_event(load_event, [dead[0]["Body"]]), lambda_context)
+    response = generate_handler(sqs_event([dead[0]["Body"]]), lambda_context, deps=worker)
 
     # THEN it is saved without calling the LLM again
     assert response["batchItemFailures"] == []
@@ -274,22 +261,23 @@ def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redriv
 
 
 def test_the_redriven_event_file_saves_its_content_without_the_llm(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
     # GIVEN the planned message for c11, re-driven as events/ shows it (content inside)
-    bodies = plan_messages(session, queues, load_event, lambda_context)
+    bodies = plan_messages(connection, queues, detect, lambda_context)
     planned = next(json.loads(b) for b in bodies if json.loads(b)["concept"]["concept_id"] == "c11")
     event = load_event("sqs-redriven-with-generated.json")
     redriven = json.loads(event["Records"][0]["body"])
     redriven["task_id"] = planned["task_id"]
     event["Records"][0]["body"] = json.dumps(redriven)
 
-    response = generate_handler(event, lambda_context)
+    response = generate_handler(event, lambda_context, deps=worker)
 
     assert response["batchItemFailures"] == []
     assert generator.calls == []
@@ -301,11 +289,14 @@ def test_the_redriven_event_file_saves_its_content_without_the_llm(
 
 
 def test_a_malformed_body_goes_to_the_dlq_with_its_reason(
-    queues: Queues, load_event: Any, lambda_context: FakeLambdaContext, generator: CountingGenerator
+    queues: Queues,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    worker: WorkerDependencies,
 ) -> None:
     event = load_event("sqs-malformed-body.json")
 
-    response = generate_handler(event, lambda_context)
+    response = generate_handler(event, lambda_context, deps=worker)
 
     assert response == {"batchItemFailures": []}
     dead = queues.receive_all(queues.dlq_url)
@@ -317,13 +308,14 @@ def test_a_malformed_body_goes_to_the_dlq_with_its_reason(
 
 def test_a_message_the_judge_never_planned_is_dead_lettered(
     queues: Queues,
-    session: Session,
-    load_event: Any,
+    connection: Connection,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
     # the example batch names a task id no ledger holds
-    response = generate_handler(load_event("sqs-retry-batch.json"), lambda_context)
+    response = generate_handler(load_event("sqs-retry-batch.json"), lambda_context, deps=worker)
 
     assert response == {"batchItemFailures": []}
     reasons = {
@@ -334,18 +326,19 @@ def test_a_message_the_judge_never_planned_is_dead_lettered(
 
 
 def test_a_transient_llm_error_fails_exactly_that_record(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    bodies = plan_messages(session, queues, load_event, lambda_context)[:3]
+    bodies = plan_messages(connection, queues, detect, lambda_context)[:3]
     throttled = json.loads(bodies[1])["concept"]["concept_id"]
     generator.failures[(throttled, "tutorial")] = TransientGenerationError("ThrottlingException")
 
-    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+    response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
 
     assert response == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
     saved = latest_tutorials(db)
@@ -357,18 +350,19 @@ def test_a_transient_llm_error_fails_exactly_that_record(
 
 
 def test_a_permanent_llm_error_fails_the_item_and_acks(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
     concept_id = json.loads(body)["concept"]["concept_id"]
     generator.failures[(concept_id, "tutorial")] = PermanentGenerationError("content filtered")
 
-    response = generate_handler(sqs_event(load_event, [body]), lambda_context)
+    response = generate_handler(sqs_event([body]), lambda_context, deps=worker)
 
     assert response == {"batchItemFailures": []}
     item = ledger_item(db, concept_id)
@@ -378,18 +372,19 @@ def test_a_permanent_llm_error_fails_the_item_and_acks(
 
 
 def test_malformed_output_is_transient_until_its_bound_then_permanent(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    body = plan_messages(session, queues, load_event, lambda_context)[0]
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
     concept_id = json.loads(body)["concept"]["concept_id"]
     generator.failures[(concept_id, "tutorial")] = MalformedOutputError("not JSON")
 
-    answers = [generate_handler(sqs_event(load_event, [body]), lambda_context) for _ in range(3)]
+    answers = [generate_handler(sqs_event([body]), lambda_context, deps=worker) for _ in range(3)]
 
     assert [len(a["batchItemFailures"]) for a in answers] == [1, 1, 0]
     item = ledger_item(db, concept_id)
@@ -398,38 +393,40 @@ def test_malformed_output_is_transient_until_its_bound_then_permanent(
 
 
 def test_every_record_failing_is_a_valid_response(
-    session: Session,
+    connection: Connection,
     queues: Queues,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    bodies = plan_messages(session, queues, load_event, lambda_context)[:4]
+    bodies = plan_messages(connection, queues, detect, lambda_context)[:4]
     for body in bodies:
         concept_id = json.loads(body)["concept"]["concept_id"]
         generator.failures[(concept_id, "tutorial")] = TransientGenerationError("timeout")
 
-    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+    response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
 
     assert response == {"batchItemFailures": [{"itemIdentifier": f"message-{n}"} for n in range(4)]}
 
 
 def test_too_little_time_left_fails_the_rest_without_calling_the_llm(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    bodies = plan_messages(session, queues, load_event, lambda_context)[:3]
+    bodies = plan_messages(connection, queues, detect, lambda_context)[:3]
 
     def time_passes(*_: str) -> None:
         lambda_context.remaining_ms = 10_000  # after the first call, 10 s are left
 
     generator.before_call = time_passes
 
-    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+    response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
 
     assert response == {
         "batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]
@@ -439,54 +436,49 @@ def test_too_little_time_left_fails_the_rest_without_calling_the_llm(
 
 
 def test_the_database_down_at_the_start_fails_every_record_without_llm_calls(
-    session: Session,
+    connection: Connection,
     queues: Queues,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
-    env: pytest.MonkeyPatch,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
 ) -> None:
-    bodies = plan_messages(session, queues, load_event, lambda_context)[:2]
-    from tests.conftest import _reset_process_caches
+    bodies = plan_messages(connection, queues, detect, lambda_context)[:2]
+    worker.engine = build_engine(Settings(DATABASE_URL="postgresql://nobody@127.0.0.1:9/nothing"))
 
-    env.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:9/nothing")
-    _reset_process_caches()
-
-    response = generate_handler(sqs_event(load_event, bodies), lambda_context)
+    response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
 
     assert len(response["batchItemFailures"]) == 2
     assert generator.calls == []
 
 
 def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     db: Engine,
-    load_event: Any,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     import threading
 
     from content_retry.content_store import save_item
-    from content_retry.detect import default_dependencies
     from content_retry.ledger import ItemKey
     from content_retry.retries import start_retry
 
     # GIVEN c11's tutorial planned by two tasks (the first one's claim expired)
     first = next(
         b
-        for b in plan_messages(session, queues, load_event, lambda_context)
+        for b in plan_messages(connection, queues, detect, lambda_context)
         if json.loads(b)["concept"]["concept_id"] == "c11"
     )
     with db.begin() as connection:
         connection.execute(
             text("UPDATE retry_items SET claimed_at = claimed_at - interval '2 hours'")
         )
-    start_retry(
-        default_dependencies(), SEED_ROADMAP_ID, content_types=["tutorial"], trigger="sweep"
-    )
+    start_retry(detect, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="sweep")
     second = next(
         m["Body"]
         for m in queues.receive_all()
@@ -502,7 +494,7 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
     in_flight, done = threading.Event(), threading.Event()
 
     def first_save() -> None:
-        with Session(db) as other, other.begin():
+        with db.begin() as other:
             save_item(
                 other,
                 ItemKey(str(planned.task_id), "c11", ContentType.TUTORIAL),
@@ -516,7 +508,7 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
     thread = threading.Thread(target=first_save)
     thread.start()
     assert in_flight.wait(10)
-    response = generate_handler(sqs_event(load_event, [second]), lambda_context)
+    response = generate_handler(sqs_event([second]), lambda_context, deps=worker)
     done.set()
     thread.join()
 

@@ -7,8 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 from content_retry.content_types import STORAGE, ContentType, UnknownContentTypeError
 from content_retry.plan import RoadmapNotFoundError, build_retry_plan
@@ -52,7 +51,7 @@ def expected_outcome(
 
 
 def insert_table_state(
-    session: Session, content_type: ContentType, roadmap_id: str, concept_id: str, state: str
+    connection: Connection, content_type: ContentType, roadmap_id: str, concept_id: str, state: str
 ) -> None:
     rows: dict[str, list[tuple[str, int, bool]]] = {
         "no_row": [],
@@ -63,7 +62,7 @@ def insert_table_state(
     }
     for status, version, is_latest in rows[state]:
         insert_content_row(
-            session,
+            connection,
             content_type,
             roadmap_id,
             concept_id,
@@ -74,7 +73,7 @@ def insert_table_state(
 
 
 def insert_claim(
-    session: Session,
+    connection: Connection,
     roadmap_id: str,
     concept_id: str,
     content_type: ContentType,
@@ -82,14 +81,14 @@ def insert_claim(
     age_minutes: int,
     status: str = "queued",
 ) -> None:
-    task_id = session.execute(
+    task_id = connection.execute(
         text(
             "INSERT INTO retry_tasks (roadmap_id, user_id, trigger) "
             "VALUES (:roadmap_id, 'u-1', 'api') RETURNING task_id"
         ),
         {"roadmap_id": roadmap_id},
     ).scalar_one()
-    session.execute(
+    connection.execute(
         text(
             "INSERT INTO retry_items (task_id, concept_id, content_type, roadmap_id, reason, "
             "status, claimed_at) VALUES (:task_id, :concept_id, :content_type, :roadmap_id, "
@@ -106,8 +105,8 @@ def insert_claim(
     )
 
 
-def framework_status_of(session: Session, roadmap_id: str, concept_id: str, key: str) -> Any:
-    framework = session.execute(
+def framework_status_of(connection: Connection, roadmap_id: str, concept_id: str, key: str) -> Any:
+    framework = connection.execute(
         text("SELECT framework_data FROM roadmap_metadata WHERE roadmap_id = :r"), {"r": roadmap_id}
     ).scalar_one()
     for stage in framework["stages"]:
@@ -125,7 +124,7 @@ def framework_status_of(session: Session, roadmap_id: str, concept_id: str, key:
     ids=lambda value: str(value),
 )
 def test_every_item_state_gets_the_contract_decision(
-    session: Session,
+    connection: Connection,
     content_type: ContentType,
     framework_status: str | None,
     table_state: str,
@@ -135,48 +134,52 @@ def test_every_item_state_gets_the_contract_decision(
     # untouched (only the content type under test is asked for)
     status_key = STORAGE[content_type].status_key
     concept = ConceptSeed("c1", "Caching", "Cache what repeats.", {status_key: framework_status})
-    insert_roadmap(session, "r1", "u-1", single_module_framework([concept]))
-    insert_table_state(session, content_type, "r1", "c1", table_state)
+    insert_roadmap(connection, "r1", "u-1", single_module_framework([concept]))
+    insert_table_state(connection, content_type, "r1", "c1", table_state)
     if claim != "none":
         age = 1 if claim == "live" else LEASE_MINUTES + 1
-        insert_claim(session, "r1", "c1", content_type, age_minutes=age)
-    session.commit()
+        insert_claim(connection, "r1", "c1", content_type, age_minutes=age)
+    connection.commit()
 
     # WHEN the judge plans this content type
-    plan = build_retry_plan(session, "r1", [content_type.value], claim_lease_minutes=LEASE_MINUTES)
-    session.commit()
+    plan = build_retry_plan(
+        connection, "r1", [content_type.value], claim_lease_minutes=LEASE_MINUTES
+    )
+    connection.commit()
 
     # THEN the item is planned with the contract's reason, or left out, and a
     # framework status that contradicts a completed latest row is repaired
     reason, status_after = expected_outcome(framework_status, table_state, claim)
     planned = [(c.concept_id, i.content_type.value, i.reason.value) for c, i in plan.items]
     assert planned == ([("c1", content_type.value, reason)] if reason else [])
-    assert framework_status_of(session, "r1", "c1", status_key) == status_after
+    assert framework_status_of(connection, "r1", "c1", status_key) == status_after
 
 
-def test_a_finished_claim_does_not_hold_the_item_back(session: Session) -> None:
+def test_a_finished_claim_does_not_hold_the_item_back(connection: Connection) -> None:
     # GIVEN a tutorial whose last task ended in failure a minute ago
-    insert_roadmap(session, "r1", "u-1", single_module_framework([ConceptSeed("c1", "A", "a")]))
-    insert_claim(session, "r1", "c1", ContentType.TUTORIAL, age_minutes=1, status="failed")
-    session.commit()
+    insert_roadmap(connection, "r1", "u-1", single_module_framework([ConceptSeed("c1", "A", "a")]))
+    insert_claim(connection, "r1", "c1", ContentType.TUTORIAL, age_minutes=1, status="failed")
+    connection.commit()
 
     # WHEN / THEN it is planned again: only queued or running items hold claims
-    plan = build_retry_plan(session, "r1", ["tutorial"])
+    plan = build_retry_plan(connection, "r1", ["tutorial"])
     assert [(c.concept_id, i.reason.value) for c, i in plan.items] == [("c1", "missing")]
 
 
-def test_seed_scenario_plans_the_21_lost_tutorials_the_old_rule_missed(session: Session) -> None:
+def test_seed_scenario_plans_the_21_lost_tutorials_the_old_rule_missed(
+    connection: Connection,
+) -> None:
     # GIVEN the seed: 31 concepts, 10 tutorials completed, 21 never saved with
     # framework statuses null or processing, none "failed"
-    scenario = seed_scenario(session, other_failures=True)
-    session.commit()
-    framework = session.execute(
+    scenario = seed_scenario(connection, other_failures=True)
+    connection.commit()
+    framework = connection.execute(
         text("SELECT framework_data FROM roadmap_metadata WHERE roadmap_id = :r"),
         {"r": scenario.roadmap_id},
     ).scalar_one()
 
     # WHEN the judge plans tutorials
-    plan = build_retry_plan(session, scenario.roadmap_id, ["tutorial"], owner=scenario.user_id)
+    plan = build_retry_plan(connection, scenario.roadmap_id, ["tutorial"], owner=scenario.user_id)
 
     # THEN exactly the 21 lost tutorials are planned, as missing or stale...
     assert sorted(c.concept_id for c, _ in plan.items) == sorted(scenario.lost_tutorials)
@@ -188,11 +191,11 @@ def test_seed_scenario_plans_the_21_lost_tutorials_the_old_rule_missed(session: 
     assert old_status_only_rule(framework, "content_status") == []
 
 
-def test_seed_scenario_with_every_content_type(session: Session) -> None:
-    scenario = seed_scenario(session, other_failures=True)
-    session.commit()
+def test_seed_scenario_with_every_content_type(connection: Connection) -> None:
+    scenario = seed_scenario(connection, other_failures=True)
+    connection.commit()
 
-    plan = build_retry_plan(session, scenario.roadmap_id)
+    plan = build_retry_plan(connection, scenario.roadmap_id)
 
     assert plan.count_by_type() == {"tutorial": 21, "resources": 2, "quiz": 3}
     assert plan.count_by_reason() == {"missing": 11, "failed": 5, "stale": 10}
@@ -215,56 +218,60 @@ def test_seed_scenario_with_every_content_type(session: Session) -> None:
     ],
 )
 def test_bad_content_types_are_named_with_the_valid_ones(
-    session: Session, content_types: list[str], message_parts: list[str]
+    connection: Connection, content_types: list[str], message_parts: list[str]
 ) -> None:
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
 
     with pytest.raises(UnknownContentTypeError) as raised:
-        build_retry_plan(session, "agent-performance-optimization-x5y9z2q8", content_types)
+        build_retry_plan(connection, "agent-performance-optimization-x5y9z2q8", content_types)
     for part in message_parts:
         assert part in str(raised.value)
 
 
-def test_content_type_filter_plans_only_the_types_asked_for(session: Session) -> None:
-    scenario = seed_scenario(session, other_failures=True)
-    session.commit()
+def test_content_type_filter_plans_only_the_types_asked_for(connection: Connection) -> None:
+    scenario = seed_scenario(connection, other_failures=True)
+    connection.commit()
 
-    quizzes = build_retry_plan(session, scenario.roadmap_id, ["quiz"])
-    both = build_retry_plan(session, scenario.roadmap_id, ["quiz", "resources", "quiz"])
+    quizzes = build_retry_plan(connection, scenario.roadmap_id, ["quiz"])
+    both = build_retry_plan(connection, scenario.roadmap_id, ["quiz", "resources", "quiz"])
 
     assert {i.content_type.value for _, i in quizzes.items} == {"quiz"}
     assert sorted(c.concept_id for c, _ in quizzes.items) == sorted(scenario.failed_quizzes)
     assert both.count_by_type() == {"resources": 2, "quiz": 3}
 
 
-def test_unknown_roadmap_and_another_users_roadmap_are_both_not_found(session: Session) -> None:
-    seed_scenario(session)
-    session.commit()
+def test_unknown_roadmap_and_another_users_roadmap_are_both_not_found(
+    connection: Connection,
+) -> None:
+    seed_scenario(connection)
+    connection.commit()
 
     with pytest.raises(RoadmapNotFoundError):
-        build_retry_plan(session, "no-such-roadmap")
+        build_retry_plan(connection, "no-such-roadmap")
     with pytest.raises(RoadmapNotFoundError):
-        build_retry_plan(session, "agent-performance-optimization-x5y9z2q8", owner="someone-else")
+        build_retry_plan(
+            connection, "agent-performance-optimization-x5y9z2q8", owner="someone-else"
+        )
 
 
-def test_malformed_framework_parts_are_skipped_not_fatal(session: Session) -> None:
+def test_malformed_framework_parts_are_skipped_not_fatal(connection: Connection) -> None:
     framework = {
         "stages": [
             {"name": "broken", "modules": "not a list"},
             {"name": "ok", "modules": [{"name": "m", "concepts": [{"concept_id": "c1"}, 7, {}]}]},
         ]
     }
-    insert_roadmap(session, "r1", "u-1", framework)
-    session.commit()
+    insert_roadmap(connection, "r1", "u-1", framework)
+    connection.commit()
 
-    plan = build_retry_plan(session, "r1", ["tutorial"])
+    plan = build_retry_plan(connection, "r1", ["tutorial"])
 
     assert [(c.concept_id, c.stage, c.module) for c, _ in plan.items] == [("c1", "ok", "m")]
 
 
 def test_a_2000_concept_roadmap_is_planned_in_at_most_3_queries(
-    session: Session, count_statements: Any
+    connection: Connection, count_statements: Any
 ) -> None:
     # GIVEN 2,000 concepts: half with completed tutorials whose status drifted
     # to "failed" (so the repair runs too), half never saved
@@ -272,40 +279,40 @@ def test_a_2000_concept_roadmap_is_planned_in_at_most_3_queries(
         ConceptSeed(f"c{n}", f"Concept {n}", "d", {"content_status": "failed" if n % 2 else None})
         for n in range(2000)
     ]
-    insert_roadmap(session, "big", "u-1", single_module_framework(concepts))
-    session.execute(
+    insert_roadmap(connection, "big", "u-1", single_module_framework(concepts))
+    connection.execute(
         text(
             "INSERT INTO tutorials (roadmap_id, concept_id, content_status) "
             "SELECT 'big', 'c' || n, 'completed' FROM generate_series(1, 1999, 2) AS n"
         )
     )
-    session.commit()
+    connection.commit()
 
     # WHEN the judge plans every content type
     with count_statements:
-        plan = build_retry_plan(session, "big")
-    session.commit()
+        plan = build_retry_plan(connection, "big")
+    connection.commit()
 
     # THEN three statements did it all, and the repair happened
     assert count_statements.count <= 3, count_statements.statements
     assert plan.count_by_type() == {"tutorial": 1000, "resources": 2000, "quiz": 2000}
     assert plan.repaired_count == 1000
-    assert framework_status_of(session, "big", "c1", "content_status") == "completed"
-    assert framework_status_of(session, "big", "c0", "content_status") is None
+    assert framework_status_of(connection, "big", "c1", "content_status") == "completed"
+    assert framework_status_of(connection, "big", "c0", "content_status") is None
 
 
-def test_repair_keeps_every_other_field_of_framework_data(session: Session) -> None:
+def test_repair_keeps_every_other_field_of_framework_data(connection: Connection) -> None:
     concept = ConceptSeed("c1", "A", "a", {"content_status": "failed", "quiz_status": "processing"})
     framework = single_module_framework([concept, ConceptSeed("c2", "B", "b")])
     framework["stages"][0]["extra"] = {"kept": True}
-    insert_roadmap(session, "r1", "u-1", framework)
-    insert_content_row(session, ContentType.TUTORIAL, "r1", "c1", "completed")
-    session.commit()
+    insert_roadmap(connection, "r1", "u-1", framework)
+    insert_content_row(connection, ContentType.TUTORIAL, "r1", "c1", "completed")
+    connection.commit()
 
-    build_retry_plan(session, "r1", ["tutorial"])
-    session.commit()
+    build_retry_plan(connection, "r1", ["tutorial"])
+    connection.commit()
 
-    after = session.execute(
+    after = connection.execute(
         text("SELECT framework_data FROM roadmap_metadata WHERE roadmap_id = 'r1'")
     ).scalar_one()
     framework["stages"][0]["modules"][0]["concepts"][0]["content_status"] = "completed"

@@ -15,11 +15,10 @@ from typing import Any
 
 import boto3
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
 from content_retry.database import build_engine
-from content_retry.generators import TransientGenerationError, use_generator
+from content_retry.generators import TransientGenerationError
 from content_retry.settings import Settings
 from content_retry_local.aws import start_threaded_moto
 from content_retry_local.http_api import make_server
@@ -34,7 +33,7 @@ from content_retry_local.seed import (
 from content_retry_local.sessions import EngineSessions
 from content_retry_local.template import create_queues
 from tests.conftest import REPO_ROOT, Queues
-from tests.functional.test_generate import CountingGenerator
+from tests.support import CountingGenerator, worker_deps
 
 
 def run_demo(cwd: Path, given: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -111,11 +110,11 @@ def request(
 
 
 def test_serve_answers_real_http_with_the_contract(
-    served: tuple[str, str], session: Session
+    served: tuple[str, str], connection: Connection
 ) -> None:
     anonymous, dev = served
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
     retry = f"/roadmaps/{SEED_ROADMAP_ID}/retry"
 
     assert request(anonymous + retry, "POST", {"content_types": ["tutorial"]})[0] == 401
@@ -135,20 +134,17 @@ def test_serve_answers_real_http_with_the_contract(
 
 
 def test_drain_leaves_a_failing_record_to_the_redrive_policy(
-    session: Session, queues: Queues, db: Engine, load_event: Any
+    connection: Connection, queues: Queues, db: Engine, load_event: Any
 ) -> None:
     # GIVEN 21 queued messages, one of which the LLM never manages
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
     invoke("detect", load_event("api-retry.json"))
     generator = CountingGenerator()
     generator.failures[("c15", "tutorial")] = TransientGenerationError("ThrottlingException")
-    use_generator(generator)
-    try:
-        # WHEN the local poller drains the queue
-        report = drain(queues.sqs, queues.queue_url)
-    finally:
-        use_generator(None)
+
+    # WHEN the local poller drains the queue through the generate handler
+    report = drain(queues.sqs, queues.queue_url, deps=worker_deps(db, queues.sqs, generator))
 
     # THEN the other 20 were saved and deleted; the failing one was received
     # maxReceiveCount (5) times, then SQS moved it to the DLQ
@@ -228,9 +224,9 @@ def real_looking_targets(
     queue_url, dlq_url = create_queues(sqs, prefix="someone-elses")
     sqs.send_message(QueueUrl=queue_url, MessageBody='{"waiting": true}')
     sqs.send_message(QueueUrl=dlq_url, MessageBody='{"generated": "paid for"}')
-    with Session(db) as session, session.begin():
+    with db.begin() as connection:
         insert_roadmap(
-            session,
+            connection,
             SEED_ROADMAP_ID,
             "someone",
             single_module_framework([ConceptSeed("x", "X", "Theirs.")]),

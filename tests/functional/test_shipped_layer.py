@@ -18,7 +18,6 @@ import boto3
 import pytest
 from packaging.requirements import Requirement
 from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
 
 from content_retry_local.aws import start_threaded_moto
 from content_retry_local.lambda_runtime import sqs_record
@@ -103,8 +102,8 @@ def test_both_handlers_run_from_the_shipped_tree_alone(
     tmp_path: Path,
 ) -> None:
     endpoint, sqs, queue_url, dlq_url = moto_queues
-    with Session(db) as session, session.begin():
-        seed_scenario(session)
+    with db.begin() as connection:
+        seed_scenario(connection)
 
     def environment(function: str) -> dict[str, str]:
         return function_environment(function, shipped, database_url, endpoint, queue_url, dlq_url)

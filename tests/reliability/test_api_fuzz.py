@@ -20,7 +20,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from content_retry.api import openapi_document
 from content_retry.aws import client
@@ -57,8 +56,8 @@ def served_api(engine: Engine, database_url: str) -> Iterator[str]:
         patch.setenv("RETRY_QUEUE_URL", queue_url)
         patch.setenv("RETRY_DLQ_URL", dlq_url)
         get_settings.cache_clear()
-        with Session(engine) as session, session.begin():
-            seed_scenario(session, other_failures=True)
+        with engine.begin() as connection:
+            seed_scenario(connection, other_failures=True)
         server = make_server(0, dev_identity=True)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()

@@ -8,8 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
 from content_retry_local.seed import (
     ConceptSeed,
@@ -51,15 +50,15 @@ def writes(engine: Engine) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("roadmap_id", HOSTILE_IDS, ids=lambda value: quote(value[:20]))
 def test_hostile_roadmap_ids_are_unknown_roadmaps_and_write_nothing(
-    session: Session,
+    connection: Connection,
     db: Engine,
     queues: Queues,
     load_event: Any,
     lambda_context: FakeLambdaContext,
     roadmap_id: str,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
     before = writes(db)
 
     response = detect_handler(retry_event(load_event, roadmap_id), lambda_context)
@@ -86,16 +85,16 @@ def test_over_long_ids_are_unknown(
 
 @pytest.mark.parametrize("roadmap_id", ["semi;colon", "ロードマップ-1", "x'; DROP TABLE t; --"])
 def test_unusual_but_real_roadmap_ids_are_data_not_sql(
-    session: Session,
+    connection: Connection,
     queues: Queues,
     load_event: Any,
     lambda_context: FakeLambdaContext,
     roadmap_id: str,
 ) -> None:
     insert_roadmap(
-        session, roadmap_id, "u-42", single_module_framework([ConceptSeed("c1", "A", "a")])
+        connection, roadmap_id, "u-42", single_module_framework([ConceptSeed("c1", "A", "a")])
     )
-    session.commit()
+    connection.commit()
 
     response = detect_handler(retry_event(load_event, roadmap_id), lambda_context)
 
@@ -118,7 +117,7 @@ def test_unusual_but_real_roadmap_ids_are_data_not_sql(
     ],
 )
 def test_bad_bodies_get_their_answer_and_write_nothing(
-    session: Session,
+    connection: Connection,
     db: Engine,
     queues: Queues,
     load_event: Any,
@@ -126,8 +125,8 @@ def test_bad_bodies_get_their_answer_and_write_nothing(
     body: str,
     status: int,
 ) -> None:
-    scenario = seed_scenario(session)
-    session.commit()
+    scenario = seed_scenario(connection)
+    connection.commit()
     before = writes(db)
 
     response = detect_handler(retry_event(load_event, scenario.roadmap_id, body), lambda_context)
@@ -147,7 +146,7 @@ def test_bad_bodies_get_their_answer_and_write_nothing(
     ],
 )
 def test_the_body_is_read_as_json_whatever_its_declared_type(
-    session: Session,
+    connection: Connection,
     db: Engine,
     queues: Queues,
     load_event: Any,
@@ -156,8 +155,8 @@ def test_the_body_is_read_as_json_whatever_its_declared_type(
     body: str,
     status: int,
 ) -> None:
-    scenario = seed_scenario(session)
-    session.commit()
+    scenario = seed_scenario(connection)
+    connection.commit()
     event = retry_event(load_event, scenario.roadmap_id, body)
     event["headers"] = {"content-type": content_type}
     before = writes(db)
@@ -171,10 +170,14 @@ def test_the_body_is_read_as_json_whatever_its_declared_type(
 
 
 def test_identity_cannot_come_from_the_body_or_headers(
-    session: Session, db: Engine, queues: Queues, load_event: Any, lambda_context: FakeLambdaContext
+    connection: Connection,
+    db: Engine,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
 ) -> None:
-    scenario = seed_scenario(session)
-    session.commit()
+    scenario = seed_scenario(connection)
+    connection.commit()
     event = retry_event(load_event, scenario.roadmap_id)
     event["requestContext"].pop("authorizer")
     event["headers"]["X-User-Id"] = "u-42"
@@ -187,10 +190,14 @@ def test_identity_cannot_come_from_the_body_or_headers(
 
 
 def test_a_message_from_a_future_version_is_dead_lettered_untouched(
-    session: Session, db: Engine, queues: Queues, load_event: Any, lambda_context: FakeLambdaContext
+    connection: Connection,
+    db: Engine,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
 ) -> None:
-    seed_scenario(session)
-    session.commit()
+    seed_scenario(connection)
+    connection.commit()
     assert detect_handler(load_event("api-retry.json"), lambda_context)["statusCode"] == 202
     body = json.loads(queues.receive_all()[0]["Body"])
     body["version"] = 2

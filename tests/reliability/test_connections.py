@@ -20,10 +20,10 @@ import pg8000.native
 import pytest
 from moto import mock_aws
 from sqlalchemy import make_url
-from sqlalchemy.orm import Session
 
 from content_retry import ledger
-from content_retry.database import build_engine, create_missing
+from content_retry.database import build_engine
+from content_retry_local.schema import create_missing
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.plan import build_retry_plan
@@ -106,11 +106,11 @@ def prepare_work(server: Server, tag: str) -> list[list[dict[str, Any]]]:
     for number in range(WORKERS):
         roadmap_id = f"{tag}-{number}"
         concepts = [ConceptSeed(f"c{n}", f"Concept {n}", "d") for n in range(CONCEPTS_PER_WORKER)]
-        with Session(engine) as session, session.begin():
-            insert_roadmap(session, roadmap_id, f"u-{number}", single_module_framework(concepts))
-        with Session(engine) as session, session.begin():
-            plan = build_retry_plan(session, roadmap_id, ["tutorial"])
-            task_id = ledger.create_task(session, plan, trigger="invoke", preferences={})
+        with engine.begin() as connection:
+            insert_roadmap(connection, roadmap_id, f"u-{number}", single_module_framework(concepts))
+        with engine.begin() as connection:
+            plan = build_retry_plan(connection, roadmap_id, ["tutorial"])
+            task_id = ledger.create_task(connection, plan, trigger="invoke", preferences={})
         bodies = [m.to_body() for m in messages_for_plan(task_id, plan, Preferences())]
         work.append(
             [

@@ -14,15 +14,12 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
-import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
 from content_retry.aws import BEDROCK_MAX_ATTEMPTS
+from content_retry.concepts import Concept
 from content_retry.content_types import STORAGE, ContentType
-from content_retry.detect import default_dependencies
 from content_retry.generated import ContentModel
 from content_retry.generators import (
     MalformedOutputError,
@@ -30,14 +27,16 @@ from content_retry.generators import (
     TransientGenerationError,
 )
 from content_retry.generators.template import TemplateGenerator
-from content_retry.messages import MessageConcept, Preferences, RetryMessage
-from content_retry.retries import start_retry, sweep
+from content_retry.messages import Preferences, RetryMessage
+from content_retry.retries import start_retry
+from content_retry.sweep import sweep
 from content_retry.worker import WorkerDependencies, handle_retry_batch
 from content_retry_local.lambda_runtime import redrive, sqs_record
 from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_framework
 from content_retry_local.sessions import EngineSessions
 from content_retry_local.template import resource
 from tests.conftest import FakeLambdaContext, Queues
+from tests.support import FlakySqs, detect_deps
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261127"))
 ROADMAPS = 10
@@ -83,7 +82,7 @@ class FaultyGenerator:
         self._worker_sessions = worker_sessions
 
     def generate(
-        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
     ) -> ContentModel:
         # concept ids are "r<roadmap>-c<n>": unique across roadmaps
         item = (concept.concept_id.split("-")[0], concept.concept_id, content_type.value)
@@ -101,31 +100,6 @@ class FaultyGenerator:
         if self.faults.roll("db_killed_before_save"):
             self._worker_sessions.terminate()
         return content
-
-
-class FaultySqs:
-    """moto's SQS whose SendMessageBatch fails entries at the set rate."""
-
-    def __init__(self, sqs: Any, faults: Faults) -> None:
-        self._sqs = sqs
-        self.faults = faults
-
-    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:
-        failed = [entry for entry in Entries if self.faults.roll("sqs_send_failed")]
-        sent = [entry for entry in Entries if entry not in failed]
-        response = self._sqs.send_message_batch(QueueUrl=QueueUrl, Entries=sent) if sent else {}
-        return {
-            "Successful": response.get("Successful", []),
-            "Failed": [
-                {
-                    "Id": e["Id"],
-                    "SenderFault": False,
-                    "Code": "ServiceUnavailable",
-                    "Message": "injected",
-                }
-                for e in failed
-            ],
-        }
 
 
 @dataclass
@@ -193,12 +167,11 @@ class Run:
 
 
 def test_under_injected_faults_nothing_is_lost_or_saved_twice(
-    session: Session, db: Engine, queues: Queues, monkeypatch: pytest.MonkeyPatch
+    connection: Connection, db: Engine, queues: Queues
 ) -> None:
     rng = random.Random(SEED)
     faults = Faults(rng)
     print(f"\nreliability run: seed={SEED} roadmaps={ROADMAPS} concepts={CONCEPTS} rates={RATES}")
-    monkeypatch.setattr("content_retry.queue.time.sleep", lambda seconds: None)
 
     # GIVEN N roadmaps x M concepts, every item missing, a few doomed to fail for good
     items: set[Item] = set()
@@ -208,12 +181,12 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
             for c in range(CONCEPTS)
         ]
         insert_roadmap(
-            session, f"r{r}", f"u-{r}", single_module_framework(concepts), age_minutes=120
+            connection, f"r{r}", f"u-{r}", single_module_framework(concepts), age_minutes=120
         )
         items |= {(f"r{r}", f"r{r}-c{c}", t.value) for c in range(CONCEPTS) for t in ContentType}
-    session.commit()
+    connection.commit()
     doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
-    detect = default_dependencies()
+    detect = detect_deps(db, queues.sqs)
     worker_sessions = EngineSessions(detect.engine)
     generator = FaultyGenerator(faults, doomed, worker_sessions)
     run = Run(
@@ -222,7 +195,7 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
         generator=generator,
         faults=faults,
     )
-    detect.sqs = FaultySqs(queues.sqs, faults)
+    detect.sqs = FlakySqs(queues.sqs, lambda body: faults.roll("sqs_send_failed"))
 
     # WHEN every roadmap is retried through detect, then the system is driven to
     # rest: drain, re-drive the DLQ, and sweep once the claims have expired

@@ -11,6 +11,7 @@ import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
 
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import QuizContent, ResourcesContent, TutorialContent
 from content_retry.generators import (
@@ -20,10 +21,10 @@ from content_retry.generators import (
 )
 from content_retry.generators.bedrock import SYSTEM_PROMPT, BedrockGenerator, build_prompt
 from content_retry.generators.template import TemplateGenerator
-from content_retry.messages import MessageConcept, Preferences
+from content_retry.messages import Preferences
 
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
-CONCEPT = MessageConcept(
+CONCEPT = Concept(
     concept_id="c11",
     name="Prompt compression",
     description="Shorter prompts that keep what the model needs.",

@@ -18,11 +18,13 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 
 from content_retry import __version__
+from content_retry.concepts import MAX_ID_LENGTH
 from content_retry.content_types import ContentType, UnknownContentTypeError
-from content_retry.messages import MAX_ID_LENGTH, Preferences
+from content_retry.messages import Preferences
 from content_retry.observability import logger
 from content_retry.plan import RoadmapNotFoundError
-from content_retry.retries import Dependencies, start_retry, task_for_owner
+from content_retry.retries import DetectDependencies, start_retry
+from content_retry.tasks import TaskView, task_for_owner
 from content_retry.validation import describe_errors
 
 # API Gateway accepts up to 10 MB; a retry request is a few hundred bytes.
@@ -51,30 +53,6 @@ class RetryResponse(BaseModel):
     items: dict[str, int]
     reasons: dict[str, int]
     message: str
-
-
-class TaskCounts(BaseModel):
-    queued: int
-    succeeded: int
-    failed: int
-    dead_lettered: int
-
-
-class TaskItem(BaseModel):
-    concept_id: str
-    content_type: str
-    reason: str
-    status: str
-    attempts: int
-    last_error: str | None
-
-
-class TaskResponse(BaseModel):
-    task_id: str
-    roadmap_id: str
-    status: str
-    counts: TaskCounts
-    items: list[TaskItem]
 
 
 class ErrorResponse(BaseModel):
@@ -171,8 +149,8 @@ def _caller() -> str:
     return identity
 
 
-def _deps() -> Dependencies:
-    deps: Dependencies = app.context["deps"]
+def _deps() -> DetectDependencies:
+    deps: DetectDependencies = app.context["deps"]
     return deps
 
 
@@ -232,28 +210,19 @@ def request_retry(
     "/retry-tasks/<task_id>",
     summary="A retry task's progress, item by item",
     responses={
-        200: {"description": "The task", "content": {"application/json": {"model": TaskResponse}}},
+        200: {"description": "The task", "content": {"application/json": {"model": TaskView}}},
         **_ERRORS,
     },
 )
-def get_retry_task(task_id: TaskId) -> Response[TaskResponse]:
+def get_retry_task(task_id: TaskId) -> Response[TaskView]:
     task = task_for_owner(_deps().engine, task_id, _caller())
     if task is None:
         raise TaskNotFoundError(task_id)
-    return _json(
-        200,
-        TaskResponse(
-            task_id=task.task_id,
-            roadmap_id=task.roadmap_id,
-            status=task.status,
-            counts=TaskCounts(**task.counts()),
-            items=[TaskItem(**vars(item)) for item in task.items],
-        ),
-    )
+    return _json(200, task)
 
 
 def handle_api_event(
-    event: dict[str, Any], context: LambdaContext | None, deps: Dependencies
+    event: dict[str, Any], context: LambdaContext | None, deps: DetectDependencies
 ) -> dict[str, Any]:
     """Answer one API Gateway REST proxy event.
 

@@ -2,34 +2,36 @@
 
 One statement saves one item: it marks the ledger item succeeded, takes
 ``is_latest`` from the previous version, inserts the new version (previous
-+ 1), and sets the concept's framework status. Run inside the caller's
-transaction, the items of one message are saved together or not at all.
-The ledger update comes first and only succeeds once per item, so a
-duplicate or re-driven delivery saves nothing twice.
++ 1), and sets the concept's framework status. :func:`save_message` runs a
+message's items and its permanent failures in one transaction: saved
+together or not at all. The ledger update comes first and only succeeds once
+per item, so a duplicate or re-driven delivery saves nothing twice.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import cache
 
-from sqlalchemy import TextClause, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, TextClause, text
+from sqlalchemy.exc import IntegrityError
 
-from content_retry.content_types import STORAGE, ContentType
-from content_retry.generated import ContentModel, QuizContent, ResourcesContent, TutorialContent
+from content_retry import ledger
+from content_retry.content_types import STORAGE, ContentType, PayloadFormat
+from content_retry.database import BatchConnection
+from content_retry.generated import ContentModel
 from content_retry.ledger import ItemKey
-from content_retry.roadmaps import array_or_empty
+from content_retry.messages import RetryMessage
+from content_retry.observability import logger
+from content_retry.roadmaps import array_or_empty, patch_concept_statuses
+from content_retry.statuses import ContentStatus, FrameworkStatus, ItemStatus
 
 
 @cache
 def _save_statement(content_type: ContentType) -> TextClause:
     storage = STORAGE[content_type]
-    payload_column, payload_value = {
-        ContentType.TUTORIAL: ("content", ":payload"),
-        ContentType.RESOURCES: ("resources", "CAST(:payload AS jsonb)"),
-        ContentType.QUIZ: ("questions", "CAST(:payload AS jsonb)"),
-    }[content_type]
+    payload_value = f"CAST(:payload AS {storage.payload_sql_type})"
     table = storage.table
     # Data-modifying CTEs run against one snapshot; each step is gated on the
     # one before (EXISTS), which also orders them: the previous version loses
@@ -46,9 +48,9 @@ def _save_statement(content_type: ContentType) -> TextClause:
         f"""
 WITH item AS (
   UPDATE retry_items
-  SET status = 'succeeded', last_error = NULL, updated_at = now()
+  SET status = '{ItemStatus.SUCCEEDED}', last_error = NULL, updated_at = now()
   WHERE task_id = CAST(:task_id AS uuid) AND concept_id = :concept_id
-    AND content_type = :content_type AND status <> 'succeeded'
+    AND content_type = :content_type AND status <> '{ItemStatus.SUCCEEDED}'
     AND roadmap_id = :roadmap_id
   RETURNING roadmap_id
 ),
@@ -60,8 +62,9 @@ previous AS (
 ),
 saved AS (
   INSERT INTO {table}
-    (roadmap_id, concept_id, title, {payload_column}, content_status, content_version, is_latest)
-  SELECT :roadmap_id, :concept_id, :title, {payload_value}, 'completed',
+    (roadmap_id, concept_id, title, {storage.payload_column}, content_status, content_version,
+     is_latest)
+  SELECT :roadmap_id, :concept_id, :title, {payload_value}, '{ContentStatus.COMPLETED}',
          greatest(
            (SELECT coalesce(max(content_version), 0) FROM previous),
            (SELECT coalesce(max(content_version), 0) FROM {table}
@@ -87,7 +90,8 @@ concept_path AS (
 framework AS (
   UPDATE roadmap_metadata AS r
   SET framework_data = jsonb_set(
-        r.framework_data, p.path || ARRAY['{storage.status_key}'], '"completed"'::jsonb, true)
+        r.framework_data, p.path || ARRAY['{storage.status_key}'],
+        '"{FrameworkStatus.COMPLETED}"'::jsonb, true)
   FROM concept_path AS p
   WHERE r.roadmap_id = :roadmap_id
     AND r.framework_data #>> (p.path || ARRAY['concept_id']) = :concept_id
@@ -99,20 +103,15 @@ SELECT (SELECT content_version FROM saved) AS version
     )
 
 
-def _title_and_payload(content: ContentModel, concept_name: str) -> tuple[str, str]:
-    if isinstance(content, TutorialContent):
-        return content.title, content.content_markdown
-    if isinstance(content, ResourcesContent):
-        return f"Resources: {concept_name}", json.dumps(
-            content.model_dump(mode="json")["resources"]
-        )
-    if isinstance(content, QuizContent):
-        return f"Quiz: {concept_name}", json.dumps(content.model_dump(mode="json")["questions"])
-    raise TypeError(f"not generated content: {type(content).__name__}")
+def _stored_payload(content_type: ContentType, content: ContentModel) -> str:
+    payload = content.stored_payload()
+    if STORAGE[content_type].payload_format is PayloadFormat.JSON:
+        return json.dumps(payload)
+    return str(payload)
 
 
 def save_item(
-    session: Session,
+    connection: Connection,
     key: ItemKey,
     *,
     roadmap_id: str,
@@ -124,16 +123,82 @@ def save_item(
     Returns the new ``content_version``, or None when the ledger says the item
     was already saved (or was never planned): then nothing is written.
     """
-    title, payload = _title_and_payload(content, concept_name)
-    version: int | None = session.execute(
+    version: int | None = connection.execute(
         _save_statement(key.content_type),
         {
             "task_id": key.task_id,
             "concept_id": key.concept_id,
             "content_type": key.content_type.value,
             "roadmap_id": roadmap_id,
-            "title": title,
-            "payload": payload,
+            "title": content.stored_title(concept_name),
+            "payload": _stored_payload(key.content_type, content),
         },
     ).scalar_one()
     return version
+
+
+def save_message(
+    database: BatchConnection,
+    message: RetryMessage,
+    to_save: Mapping[ContentType, ContentModel],
+    failed_for_good: Mapping[ContentType, str],
+) -> dict[ContentType, int | None]:
+    """Save a message's generated items and record its permanent failures, in one transaction.
+
+    Another task saving the same concept's new version at the same moment
+    makes the unique latest-row index refuse one of the two: that save is
+    tried once more, on a fresh snapshot that sees the other version and goes
+    on top of it.
+
+    Returns:
+        Each saved item's new version, None for an item saved before.
+
+    Raises:
+        One of ``DATABASE_ERRORS``: the save failed; nothing of it was written.
+    """
+    try:
+        return _save_transaction(database, message, to_save, failed_for_good)
+    except IntegrityError as exc:
+        if "_one_latest_per_concept" not in str(exc):
+            raise
+        logger.info("retry_item_save_raced")
+    return _save_transaction(database, message, to_save, failed_for_good)
+
+
+def _save_transaction(
+    database: BatchConnection,
+    message: RetryMessage,
+    to_save: Mapping[ContentType, ContentModel],
+    failed_for_good: Mapping[ContentType, str],
+) -> dict[ContentType, int | None]:
+    task_id, concept_id = str(message.task_id), message.concept.concept_id
+    with database.transaction() as connection:
+        versions = {
+            content_type: save_item(
+                connection,
+                ItemKey(task_id, concept_id, content_type),
+                roadmap_id=message.roadmap_id,
+                concept_name=message.concept.name,
+                content=content,
+            )
+            for content_type, content in to_save.items()
+        }
+        for content_type, error in failed_for_good.items():
+            ledger.record_outcomes(
+                connection,
+                [ItemKey(task_id, concept_id, content_type)],
+                status=ItemStatus.FAILED,
+                error=error,
+            )
+        if failed_for_good:
+            patch_concept_statuses(
+                connection,
+                message.roadmap_id,
+                {
+                    concept_id: {
+                        STORAGE[content_type].status_key: FrameworkStatus.FAILED
+                        for content_type in failed_for_good
+                    }
+                },
+            )
+    return versions

@@ -1,4 +1,10 @@
-"""The three kinds of learning content and where each one lives (DESIGN §3)."""
+"""The kinds of learning content, and where each one lives (DESIGN §3).
+
+This is the one declaration of a content type's storage: the schema, the
+save, the judge, the sweep and the ledger derive their tables, columns and
+status keys from :data:`STORAGE`. Adding a content type means a member here,
+its generated model (``generated.py``) and what the generators write for it.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +19,46 @@ class ContentType(StrEnum):
     QUIZ = "quiz"
 
 
+class PayloadFormat(StrEnum):
+    """How a content row holds its payload."""
+
+    TEXT = "text"  # markdown, as is
+    JSON = "json"  # a jsonb document
+
+
 @dataclass(frozen=True)
 class ContentStorage:
-    """Where one content type is stored: its table and its framework status key."""
+    """Where one content type is stored in the platform's tables.
+
+    Attributes:
+        table: its table (one row per version; DESIGN §3's columns).
+        id_column: the table's uuid primary key.
+        payload_column: the column holding the content itself.
+        payload_format: text or jsonb.
+        status_key: the concept's status for this type in ``framework_data``.
+    """
 
     table: str
     id_column: str
+    payload_column: str
+    payload_format: PayloadFormat
     status_key: str
+
+    @property
+    def payload_sql_type(self) -> str:
+        return "jsonb" if self.payload_format is PayloadFormat.JSON else "text"
 
 
 STORAGE: dict[ContentType, ContentStorage] = {
-    ContentType.TUTORIAL: ContentStorage("tutorials", "tutorial_id", "content_status"),
-    ContentType.RESOURCES: ContentStorage("resource_recommendations", "id", "resources_status"),
-    ContentType.QUIZ: ContentStorage("quizzes", "id", "quiz_status"),
+    ContentType.TUTORIAL: ContentStorage(
+        "tutorials", "tutorial_id", "content", PayloadFormat.TEXT, "content_status"
+    ),
+    ContentType.RESOURCES: ContentStorage(
+        "resource_recommendations", "id", "resources", PayloadFormat.JSON, "resources_status"
+    ),
+    ContentType.QUIZ: ContentStorage(
+        "quizzes", "id", "questions", PayloadFormat.JSON, "quiz_status"
+    ),
 }
 
 ALL_CONTENT_TYPES: tuple[ContentType, ...] = tuple(ContentType)

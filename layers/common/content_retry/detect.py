@@ -7,9 +7,11 @@ from typing import Annotated, Any, Literal, TypeVar
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from content_retry.concepts import MAX_ID_LENGTH
 from content_retry.content_types import ContentType
-from content_retry.messages import MAX_ID_LENGTH, Preferences
-from content_retry.retries import Dependencies, start_retry, sweep
+from content_retry.messages import Preferences
+from content_retry.retries import DetectDependencies, default_detect_dependencies, start_retry
+from content_retry.sweep import sweep
 from content_retry.validation import describe_errors
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -37,15 +39,6 @@ class SweepInput(BaseModel):
     action: Literal["sweep"]
 
 
-def default_dependencies() -> Dependencies:
-    """The process's engine, SQS client and settings, created on first use."""
-    from content_retry.aws import client
-    from content_retry.database import get_engine
-    from content_retry.settings import get_settings
-
-    return Dependencies(engine=get_engine(), sqs=client("sqs"), settings=get_settings())
-
-
 def event_kind(event: Any) -> Literal["api", "schedule", "direct"]:
     """Which of the accepted kinds an event is.
 
@@ -67,7 +60,7 @@ def event_kind(event: Any) -> Literal["api", "schedule", "direct"]:
 
 
 def handle_detect_event(
-    event: Any, context: LambdaContext | None, deps: Dependencies | None = None
+    event: Any, context: LambdaContext | None, deps: DetectDependencies | None = None
 ) -> dict[str, Any]:
     """Route one event to the API, the sweep, or a direct retry; return the response.
 
@@ -77,7 +70,7 @@ def handle_detect_event(
         RoadmapNotFoundError: a direct invoke names an unknown roadmap.
     """
     kind = event_kind(event)
-    deps = deps or default_dependencies()
+    deps = deps or default_detect_dependencies()
     if kind == "api":
         from content_retry.api import handle_api_event
 

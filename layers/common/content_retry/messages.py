@@ -7,18 +7,12 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from content_retry.concepts import Concept, Identifier
 from content_retry.content_types import ContentType
 from content_retry.generated import GeneratedContent
-from content_retry.plan.models import ConceptPlan, Reason, RetryPlan
+from content_retry.plan.models import Reason, RetryPlan
 
 MESSAGE_VERSION = 1
-
-MAX_ID_LENGTH = 1_024
-MAX_NAME_LENGTH = 1_000
-MAX_TEXT_LENGTH = 10_000
-
-Identifier = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
-OptionalText = Annotated[str | None, Field(max_length=MAX_TEXT_LENGTH)]
 
 
 class Preferences(BaseModel):
@@ -28,16 +22,6 @@ class Preferences(BaseModel):
 
     language: Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})?$")] = "en"
     level: Literal["beginner", "intermediate", "advanced"] = "beginner"
-
-
-class MessageConcept(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    concept_id: Identifier
-    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
-    description: OptionalText = None
-    stage: OptionalText = None
-    module: OptionalText = None
 
 
 class MessageItem(BaseModel):
@@ -60,7 +44,7 @@ class RetryMessage(BaseModel):
     task_id: UUID
     roadmap_id: Identifier
     user_id: Identifier
-    concept: MessageConcept
+    concept: Concept
     items: Annotated[list[MessageItem], Field(min_length=1, max_length=len(ContentType))]
     preferences: Preferences = Preferences()
     generated: GeneratedContent | None = None
@@ -81,41 +65,19 @@ def messages_for_plan(
     task_id: UUID | str, plan: RetryPlan, preferences: Preferences
 ) -> list[RetryMessage]:
     """One message per planned concept, carrying the concept's full context."""
+    task = UUID(str(task_id))
     return [
-        _message(UUID(str(task_id)), plan, concept_plan, preferences)
+        RetryMessage(
+            version=MESSAGE_VERSION,
+            task_id=task,
+            roadmap_id=plan.roadmap_id,
+            user_id=plan.user_id,
+            concept=concept_plan.concept,
+            items=[
+                MessageItem(content_type=item.content_type, reason=item.reason)
+                for item in concept_plan.items
+            ],
+            preferences=preferences,
+        )
         for concept_plan in plan.concepts
     ]
-
-
-def _clip(text: str, limit: int) -> str:
-    # The platform's framework_data has no length limits; a message does.
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _clip_optional(text: str | None) -> str | None:
-    return None if text is None else _clip(text, MAX_TEXT_LENGTH)
-
-
-def _message(
-    task_id: UUID, plan: RetryPlan, concept_plan: ConceptPlan, preferences: Preferences
-) -> RetryMessage:
-    concept = concept_plan.concept
-    return RetryMessage(
-        version=MESSAGE_VERSION,
-        task_id=task_id,
-        roadmap_id=plan.roadmap_id,
-        user_id=plan.user_id,
-        concept=MessageConcept(
-            concept_id=concept.concept_id,
-            # A concept without a name still gets content: its id stands in.
-            name=_clip(concept.name or concept.concept_id, MAX_NAME_LENGTH),
-            description=_clip_optional(concept.description),
-            stage=_clip_optional(concept.stage),
-            module=_clip_optional(concept.module),
-        ),
-        items=[
-            MessageItem(content_type=item.content_type, reason=item.reason)
-            for item in concept_plan.items
-        ],
-        preferences=preferences,
-    )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from content_retry.messages import RetryMessage
+from content_retry.validation import clip_error
 
 # SendMessageBatch takes at most 10 entries.
 BATCH_SIZE = 10
@@ -78,3 +79,33 @@ def _send_batch(sqs: Any, queue_url: str, entries: dict[str, RetryMessage]) -> d
         failure["Id"]: f"{failure.get('Code', 'Error')}: {failure.get('Message', '')}".strip()
         for failure in response.get("Failed", [])
     }
+
+
+class DeadLetterError(RuntimeError):
+    """The dead-letter queue could not be reached: the caller must not acknowledge."""
+
+
+def dead_letter(sqs: Any, dlq_url: str, body: str, *, reason: str, detail: str) -> None:
+    """Send a body to the dead-letter queue with its reason in message attributes.
+
+    Args:
+        reason: a short code an operator can filter on (``save_failed``,
+            ``invalid_message``, ``not_planned``...).
+        detail: what went wrong, clipped to the attribute's useful length.
+
+    Raises:
+        DeadLetterError: the dead-letter queue refused the message or was unreachable.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        sqs.send_message(
+            QueueUrl=dlq_url,
+            MessageBody=body,
+            MessageAttributes={
+                "reason": {"DataType": "String", "StringValue": reason},
+                "error": {"DataType": "String", "StringValue": clip_error(detail) or "-"},
+            },
+        )
+    except (BotoCoreError, ClientError) as exc:
+        raise DeadLetterError(f"dead-letter queue unavailable: {exc}") from exc

@@ -7,22 +7,20 @@ only then sent to the queue, one message per concept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
 from content_retry import ledger
-from content_retry.content_types import STORAGE, ContentType
-from content_retry.database.schema import SWEEP_CANDIDATE_PREDICATE
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.observability import logger, metrics
-from content_retry.plan import RetryPlan, RoadmapNotFoundError, build_retry_plan
+from content_retry.plan import RetryPlan, build_retry_plan
 from content_retry.plan.models import Reason
 from content_retry.queue import send_retry_messages
-from content_retry.settings import Settings, SettingsError
+from content_retry.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -60,16 +58,27 @@ class RetryOutcome:
 
 
 @dataclass
-class Dependencies:
-    """What a retry needs from the outside; tests pass their own."""
+class DetectDependencies:
+    """What the detect function needs from the outside; tests pass their own."""
 
     engine: Engine
     sqs: Any
     settings: Settings
+    # The backoff between resends of refused queue entries.
+    sleep: Callable[[float], None] = time.sleep
+
+
+def default_detect_dependencies() -> DetectDependencies:
+    """The process's engine, SQS client and settings, created on first use."""
+    from content_retry.aws import client
+    from content_retry.database import get_engine
+    from content_retry.settings import get_settings
+
+    return DetectDependencies(engine=get_engine(), sqs=client("sqs"), settings=get_settings())
 
 
 def start_retry(
-    deps: Dependencies,
+    deps: DetectDependencies,
     roadmap_id: str,
     *,
     content_types: list[str] | None = None,
@@ -90,9 +99,9 @@ def start_retry(
     """
     queue_url = deps.settings.require("retry_queue_url")
     preferences = preferences or Preferences()
-    with Session(deps.engine) as session, session.begin():
+    with deps.engine.begin() as connection:
         plan = build_retry_plan(
-            session,
+            connection,
             roadmap_id,
             content_types,
             owner=owner,
@@ -101,7 +110,7 @@ def start_retry(
         task_id = None
         if plan.item_count:
             task_id = ledger.create_task(
-                session, plan, trigger=trigger, preferences=preferences.model_dump()
+                connection, plan, trigger=trigger, preferences=preferences.model_dump()
             )
             # Built before the commit: a message that cannot be built leaves no
             # claim behind to hold its items back for a lease.
@@ -110,12 +119,12 @@ def start_retry(
     if task_id is None:
         return RetryOutcome(None, 0, plan.count_by_type(), plan.count_by_reason())
 
-    sent = send_retry_messages(deps.sqs, queue_url, messages)
+    sent = send_retry_messages(deps.sqs, queue_url, messages, sleep=deps.sleep)
     unsent_items = 0
     if sent.failed:
         first_error = next(iter(sent.failed.values()))
-        with Session(deps.engine) as session, session.begin():
-            unsent_items = ledger.release_unsent(session, task_id, sent.failed, first_error)
+        with deps.engine.begin() as connection:
+            unsent_items = ledger.release_unsent(connection, task_id, sent.failed, first_error)
         logger.error(
             "retry_messages_unsent",
             extra={"task_id": task_id, "concept_ids": sorted(sent.failed), "error": first_error},
@@ -166,127 +175,3 @@ def _log_plan(plan: RetryPlan, task_id: str | None, trigger: str) -> None:
             "repaired_count": plan.repaired_count,
         },
     )
-
-
-# Candidates come from two partial indexes, so the cost follows the roadmaps
-# with work, not the tables' size: framework_data showing an item not completed
-# (schema.SWEEP_CANDIDATE_PREDICATE, the same text as the index's), and a latest
-# row that is not completed whatever framework_data says. The judge decides.
-_UNFINISHED_LATEST = "\n  UNION\n".join(
-    f"  SELECT r.roadmap_id, r.updated_at FROM {STORAGE[content_type].table} AS t "  # noqa: S608  # nosec B608
-    "JOIN roadmap_metadata AS r USING (roadmap_id) "
-    "WHERE t.is_latest AND t.content_status <> 'completed' "
-    "AND r.updated_at < now() - make_interval(mins => :grace_minutes)"
-    for content_type in ContentType
-)
-# Each source reads roadmap_metadata through an index (the partial one, or the
-# primary key from the few unfinished rows), never the whole table.
-_SWEEP_CANDIDATES = text(
-    f"""
-WITH candidates AS (
-  SELECT roadmap_id, updated_at FROM roadmap_metadata
-  WHERE {SWEEP_CANDIDATE_PREDICATE}
-    AND updated_at < now() - make_interval(mins => :grace_minutes)
-  UNION
-{_UNFINISHED_LATEST}
-)
-SELECT c.roadmap_id
-FROM candidates AS c
-LEFT JOIN roadmap_sweeps AS s USING (roadmap_id)
-  -- Judged at most once a claim lease, least recently judged first.
-WHERE (s.swept_at IS NULL OR s.swept_at < now() - make_interval(mins => :lease_minutes))
-  -- A roadmap whose recent task (younger than a claim lease) still has items
-  -- open, or ended with failures, waits: its claims still hold, and an item
-  -- that keeps failing is not paid for again on every run.
-  AND NOT EXISTS (
-    SELECT 1 FROM retry_tasks AS t JOIN retry_items AS i ON i.task_id = t.task_id
-    WHERE t.roadmap_id = c.roadmap_id
-      AND t.created_at > now() - make_interval(mins => :lease_minutes)
-      AND i.status <> 'succeeded')
-ORDER BY s.swept_at NULLS FIRST, c.updated_at
-LIMIT :limit
-"""  # noqa: S608 - constant predicates and table names; values are bound  # nosec B608
-)
-
-_RECORD_SWEPT = text(
-    "INSERT INTO roadmap_sweeps (roadmap_id, swept_at) SELECT roadmap_id, now() "
-    "FROM unnest(CAST(:roadmap_ids AS text[])) AS judged(roadmap_id) "
-    "WHERE EXISTS (SELECT 1 FROM roadmap_metadata AS r WHERE r.roadmap_id = judged.roadmap_id) "
-    "ON CONFLICT (roadmap_id) DO UPDATE SET swept_at = excluded.swept_at"
-)
-
-
-@dataclass
-class SweepOutcome:
-    roadmaps_scanned: int = 0
-    roadmaps_planned: int = 0
-    retried_count: int = 0
-    task_ids: list[str] = field(default_factory=list)
-
-    def as_response(self) -> dict[str, int]:
-        return {
-            "roadmaps_scanned": self.roadmaps_scanned,
-            "roadmaps_planned": self.roadmaps_planned,
-            "retried_count": self.retried_count,
-        }
-
-
-def sweep(deps: Dependencies) -> SweepOutcome:
-    """Plan the retry of the roadmaps that need work, a bounded number per run.
-
-    Only roadmaps untouched for the grace period are considered (the platform
-    may still be generating younger ones); the least recently swept go first,
-    each at most once a claim lease, and the rest wait for the next run. Each
-    roadmap is planned in its own transaction, so one failure does not undo
-    the others.
-    """
-    settings = deps.settings
-    with Session(deps.engine) as session:
-        candidates = list(
-            session.execute(
-                _SWEEP_CANDIDATES,
-                {
-                    "grace_minutes": settings.sweep_grace_minutes,
-                    "lease_minutes": settings.claim_lease_minutes,
-                    "limit": settings.sweep_max_roadmaps,
-                },
-            ).scalars()
-        )
-    if candidates:
-        # Recorded before judging: a roadmap whose planning fails still waits
-        # its turn instead of blocking every later run.
-        with Session(deps.engine) as session, session.begin():
-            session.execute(_RECORD_SWEPT, {"roadmap_ids": candidates})
-    outcome = SweepOutcome()
-    for roadmap_id in candidates:
-        outcome.roadmaps_scanned += 1
-        try:
-            result = start_retry(deps, roadmap_id, trigger="sweep")
-        except RoadmapNotFoundError:  # deleted since it was selected
-            continue
-        except SettingsError:  # the same for every roadmap: the sweep cannot run
-            raise
-        except Exception:
-            # One roadmap that cannot be planned must not stop the sweep; the
-            # error is logged with its roadmap, and it waits for its next turn.
-            logger.exception("retry_sweep_roadmap_failed", extra={"roadmap_id": roadmap_id})
-            continue
-        if result.task_id is not None:
-            outcome.roadmaps_planned += 1
-            outcome.retried_count += result.retried_count
-            outcome.task_ids.append(result.task_id)
-    logger.info("retry_sweep_finished", extra=outcome.as_response())
-    return outcome
-
-
-def task_for_owner(engine: Engine, task_id: str, owner: str) -> ledger.TaskStatus | None:
-    """A task's status, or None when there is no such task or it is not ``owner``'s."""
-    try:
-        task_id = str(UUID(task_id))
-    except ValueError:  # not an id we could have issued
-        return None
-    with Session(engine) as session:
-        status = ledger.task_status(session, task_id)
-    if status is None or status.user_id != owner:
-        return None
-    return status

@@ -6,8 +6,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 
 @dataclass(frozen=True)
@@ -16,14 +15,14 @@ class RoadmapRef:
     user_id: str
 
 
-def lock_roadmap(session: Session, roadmap_id: str) -> RoadmapRef | None:
+def lock_roadmap(connection: Connection, roadmap_id: str) -> RoadmapRef | None:
     """Fetch a roadmap's owner and lock its row until the transaction ends.
 
     The lock serialises the writers of one roadmap's ``framework_data`` and makes
     two concurrent retry requests for one roadmap plan one after the other, so
     the second sees the first's claims and enqueues nothing twice.
     """
-    row = session.execute(
+    row = connection.execute(
         text("SELECT user_id FROM roadmap_metadata WHERE roadmap_id = :roadmap_id FOR UPDATE"),
         {"roadmap_id": roadmap_id},
     ).one_or_none()
@@ -76,7 +75,7 @@ WHERE r.roadmap_id = :roadmap_id AND jsonb_typeof(r.framework_data -> 'stages') 
 
 
 def patch_concept_statuses(
-    session: Session, roadmap_id: str, patches: Mapping[str, Mapping[str, str]]
+    connection: Connection, roadmap_id: str, patches: Mapping[str, Mapping[str, str]]
 ) -> bool:
     """Set framework statuses of concepts, in one statement.
 
@@ -89,7 +88,7 @@ def patch_concept_statuses(
     """
     if not patches:
         return True
-    result = session.execute(
+    result = connection.execute(
         _PATCH_CONCEPTS, {"roadmap_id": roadmap_id, "patches": json.dumps(patches)}
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(result.rowcount)

@@ -1,4 +1,5 @@
-"""pydantic's validation errors as lines a person can act on: where, and what."""
+"""Errors as text a person can act on: pydantic's validation errors (where, and
+what), and any error clipped to a length that can be stored and sent."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def describe_errors(
         location = ".".join(str(part) for part in error.get("loc", ()) if part not in skip)
         lines.append(f"{location or whole}: {error.get('msg', 'invalid')}")
     return lines
+
+
+# Longest error text kept on a ledger item or sent in a message attribute; the
+# full error goes to the logs.
+ERROR_TEXT_LIMIT = 2_000
+
+
+def clip_error(error: str) -> str:
+    """``error``, cut to :data:`ERROR_TEXT_LIMIT` characters."""
+    return error if len(error) <= ERROR_TEXT_LIMIT else error[: ERROR_TEXT_LIMIT - 1] + "…"

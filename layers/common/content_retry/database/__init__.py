@@ -1,6 +1,10 @@
-"""PostgreSQL: the engine (one lazily created connection per process) and the tables."""
+"""PostgreSQL: the engine (one lazily created connection per process) and its failures."""
 
-from content_retry.database.engine import build_engine, get_engine
-from content_retry.database.schema import create_missing
+from content_retry.database.engine import (
+    DATABASE_ERRORS,
+    BatchConnection,
+    build_engine,
+    get_engine,
+)
 
-__all__ = ["build_engine", "create_missing", "get_engine"]
+__all__ = ["DATABASE_ERRORS", "BatchConnection", "build_engine", "get_engine"]

@@ -13,17 +13,22 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
 from content_retry.settings import Settings, SettingsError, get_settings
 
 ConnectParams = dict[str, Any]
+
+# Failures of the database, whatever the driver raised: pg8000 lets a reset
+# socket's OSError escape unwrapped.
+DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
 _DRIVER = "postgresql+pg8000"
 
@@ -208,3 +213,47 @@ def _default_connect_params(settings: Settings) -> Callable[[], ConnectParams]:
 def get_engine() -> Engine:
     """The process's engine, created on first use from :func:`get_settings`."""
     return build_engine(get_settings())
+
+
+class BatchConnection:
+    """One database connection for a whole batch of work (one pre-ping, not one
+    per message), replaced after a failure so one lost connection fails one
+    transaction, not the rest of the batch.
+
+    Use as a context manager; :meth:`transaction` opens one transaction.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._connection: Connection | None = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A transaction on the batch's connection, committed when the block ends.
+
+        Raises:
+            Whatever the block or the database raised; the connection is then
+            dropped, and the next transaction opens a new one.
+        """
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        try:
+            with self._connection.begin():
+                yield self._connection
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except DATABASE_ERRORS:
+                self._connection.invalidate()
+            self._connection = None
+
+    def __enter__(self) -> BatchConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import ContentModel
-from content_retry.messages import MessageConcept, Preferences
+from content_retry.messages import Preferences
 
 
 class GenerationError(Exception):
@@ -35,7 +36,7 @@ class ContentGenerator(Protocol):
     name: str
 
     def generate(
-        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
     ) -> ContentModel:
         """Generate the content.
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import CONTENT_MODELS, ContentModel
 from content_retry.generators.base import (
@@ -14,7 +15,7 @@ from content_retry.generators.base import (
     PermanentGenerationError,
     TransientGenerationError,
 )
-from content_retry.messages import MessageConcept, Preferences
+from content_retry.messages import Preferences
 
 # Error codes that may pass on a later try; botocore's standard retry mode has
 # already retried them a bounded number of times before they reach us.
@@ -51,9 +52,7 @@ SYSTEM_PROMPT = (
 )
 
 
-def build_prompt(
-    concept: MessageConcept, content_type: ContentType, preferences: Preferences
-) -> str:
+def build_prompt(concept: Concept, content_type: ContentType, preferences: Preferences) -> str:
     """The user prompt: the concept's whole context and the JSON shape wanted."""
     context = {
         "concept": concept.name,
@@ -89,7 +88,7 @@ class BedrockGenerator:
         self._max_tokens = max_tokens
 
     def generate(
-        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
     ) -> ContentModel:
         from botocore.exceptions import BotoCoreError, ClientError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from urllib.parse import quote_plus
 
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import (
     ContentModel,
@@ -18,7 +19,7 @@ from content_retry.generated import (
     ResourcesContent,
     TutorialContent,
 )
-from content_retry.messages import MessageConcept, Preferences
+from content_retry.messages import Preferences
 
 _DEPTH = {
     "beginner": "starting from first principles, with no prior knowledge assumed",
@@ -31,7 +32,7 @@ def _short(text: str, limit: int = 1_000) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def _where(concept: MessageConcept) -> str:
+def _where(concept: Concept) -> str:
     parts = [part for part in (concept.stage, concept.module) if part]
     return " / ".join(parts) if parts else "this roadmap"
 
@@ -42,7 +43,7 @@ class TemplateGenerator:
     name = "template"
 
     def generate(
-        self, concept: MessageConcept, content_type: ContentType, preferences: Preferences
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
     ) -> ContentModel:
         if content_type is ContentType.TUTORIAL:
             return self._tutorial(concept, preferences)
@@ -50,7 +51,7 @@ class TemplateGenerator:
             return self._resources(concept)
         return self._quiz(concept)
 
-    def _tutorial(self, concept: MessageConcept, preferences: Preferences) -> TutorialContent:
+    def _tutorial(self, concept: Concept, preferences: Preferences) -> TutorialContent:
         description = concept.description or f"{concept.name} is a core idea of {_where(concept)}."
         depth = _DEPTH[preferences.level]
         markdown = "\n".join(
@@ -87,7 +88,7 @@ class TemplateGenerator:
             content_markdown=markdown,
         )
 
-    def _resources(self, concept: MessageConcept) -> ResourcesContent:
+    def _resources(self, concept: Concept) -> ResourcesContent:
         query = quote_plus(concept.name)
         return ResourcesContent(
             resources=[
@@ -112,7 +113,7 @@ class TemplateGenerator:
             ]
         )
 
-    def _quiz(self, concept: MessageConcept) -> QuizContent:
+    def _quiz(self, concept: Concept) -> QuizContent:
         # Where the right answer sits depends on the concept, deterministically.
         seed = int(hashlib.sha256(concept.concept_id.encode()).hexdigest(), 16)
         description = _short(concept.description or f"{concept.name} is part of {_where(concept)}.")

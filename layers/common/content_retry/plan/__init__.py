@@ -7,10 +7,9 @@ from content_retry.plan.judge import (
     build_retry_plan,
     judge_item,
 )
-from content_retry.plan.models import ConceptContext, ConceptPlan, PlannedItem, Reason, RetryPlan
+from content_retry.plan.models import ConceptPlan, PlannedItem, Reason, RetryPlan
 
 __all__ = [
-    "ConceptContext",
     "ConceptPlan",
     "Decision",
     "Judgement",

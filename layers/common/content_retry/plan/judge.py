@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 
-from sqlalchemy import TextClause, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, TextClause, text
 
+from content_retry.concepts import MAX_ID_LENGTH, Concept
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
-from content_retry.plan.models import ConceptContext, ConceptPlan, PlannedItem, Reason, RetryPlan
+from content_retry.observability import logger
+from content_retry.plan.models import ConceptPlan, PlannedItem, Reason, RetryPlan
 from content_retry.roadmaps import array_or_empty, lock_roadmap, patch_concept_statuses
+from content_retry.statuses import (
+    CLAIMING_STATUSES,
+    ContentStatus,
+    FrameworkStatus,
+    sql_list,
+)
 
 
 class RoadmapNotFoundError(LookupError):
@@ -52,15 +59,16 @@ def judge_item(framework_status: str | None, latest_status: str | None, claimed:
     The item needs retry exactly when it has no completed latest row and no
     live claim. Framework status alone never decides; it only names the reason.
     """
-    if latest_status == "completed":
+    if latest_status == ContentStatus.COMPLETED:
         return Judgement(
-            Decision.COMPLETED, repair_framework_status=framework_status in (None, "failed")
+            Decision.COMPLETED,
+            repair_framework_status=framework_status in (None, FrameworkStatus.FAILED),
         )
     if claimed:
         return Judgement(Decision.CLAIMED)
-    if framework_status == "failed" or latest_status == "failed":
+    if framework_status == FrameworkStatus.FAILED or latest_status == ContentStatus.FAILED:
         return Judgement(Decision.RETRY, Reason.FAILED)
-    if framework_status == "processing":
+    if framework_status == FrameworkStatus.PROCESSING:
         return Judgement(Decision.RETRY, Reason.STALE)
     return Judgement(Decision.RETRY, Reason.MISSING)
 
@@ -103,7 +111,7 @@ claims AS (
   SELECT DISTINCT concept_id, content_type
   FROM retry_items
   WHERE roadmap_id = :roadmap_id
-    AND status IN ('queued', 'running')
+    AND status IN ({sql_list(CLAIMING_STATUSES)})
     AND claimed_at > now() - make_interval(mins => :lease_minutes)
 )
 SELECT w.content_type, c.concept_id,
@@ -119,16 +127,16 @@ LEFT JOIN claims AS cl ON cl.content_type = w.content_type AND cl.concept_id = c
 -- Only rows judge_item can act on come back: items without a completed latest
 -- row, and completed ones whose framework status may need repair. A healthy
 -- roadmap returns no rows however large it is.
-WHERE l.latest_status IS DISTINCT FROM 'completed'
+WHERE l.latest_status IS DISTINCT FROM '{ContentStatus.COMPLETED}'
    OR c.concept ->> w.status_key IS NULL
-   OR c.concept ->> w.status_key = 'failed'
+   OR c.concept ->> w.status_key = '{FrameworkStatus.FAILED}'
 ORDER BY c.i, c.j, c.k, w.position
 """  # noqa: S608 - constant fragments; values are bound  # nosec B608
     )
 
 
 def build_retry_plan(
-    session: Session,
+    connection: Connection,
     roadmap_id: str,
     content_types: Iterable[str] | None = None,
     *,
@@ -155,11 +163,11 @@ def build_retry_plan(
         RoadmapNotFoundError: no such roadmap, or it is not ``owner``'s.
     """
     types = parse_content_types(content_types)
-    roadmap = lock_roadmap(session, roadmap_id)
+    roadmap = lock_roadmap(connection, roadmap_id)
     if roadmap is None or (owner is not None and roadmap.user_id != owner):
         raise RoadmapNotFoundError(roadmap_id)
 
-    rows = session.execute(
+    rows = connection.execute(
         _state_query(types),
         {"roadmap_id": roadmap_id, "lease_minutes": claim_lease_minutes},
     )
@@ -168,6 +176,7 @@ def build_retry_plan(
     seen: set[tuple[str, str]] = set()
     repairs: dict[str, dict[str, str]] = {}
     claimed = 0
+    unplannable: list[str] = []
     by_name = {content_type.value: content_type for content_type in ContentType}
     # Rows unpacked by position: at 10,000 concepts, attribute access by name
     # was a third of the judge's time.
@@ -188,20 +197,31 @@ def build_retry_plan(
         content_type = by_name[content_type_name]
         judgement = judge_item(framework_status, latest_status, is_claimed)
         if judgement.repair_framework_status:
-            repairs.setdefault(concept_id, {})[STORAGE[content_type].status_key] = "completed"
+            repairs.setdefault(concept_id, {})[STORAGE[content_type].status_key] = (
+                FrameworkStatus.COMPLETED
+            )
         if judgement.decision is Decision.CLAIMED:
             claimed += 1
         if judgement.decision is not Decision.RETRY or judgement.reason is None:
             continue
         concept = concepts.get(concept_id)
         if concept is None:
+            if len(concept_id) > MAX_ID_LENGTH:
+                unplannable.append(concept_id)
+                continue
             concept = concepts[concept_id] = ConceptPlan(
-                concept=ConceptContext(concept_id, name, description, stage, module)
+                concept=Concept.from_framework(concept_id, name, description, stage, module)
             )
         concept.items.append(PlannedItem(content_type, judgement.reason))
 
     if repairs:
-        patch_concept_statuses(session, roadmap_id, repairs)
+        patch_concept_statuses(connection, roadmap_id, repairs)
+    if unplannable:
+        # No retry message can carry such an id; the platform's data needs fixing.
+        logger.warning(
+            "retry_concepts_unplannable",
+            extra={"roadmap_id": roadmap_id, "concept_ids": sorted(set(unplannable))[:10]},
+        )
 
     return RetryPlan(
         roadmap_id=roadmap_id,

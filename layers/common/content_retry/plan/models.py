@@ -6,24 +6,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 
 
 class Reason(StrEnum):
+    """Why an item was planned (DESIGN §4)."""
+
     MISSING = "missing"
     FAILED = "failed"
     STALE = "stale"
-
-
-@dataclass(frozen=True)
-class ConceptContext:
-    """Everything about a concept that a generator needs, copied from framework_data."""
-
-    concept_id: str
-    name: str | None
-    description: str | None
-    stage: str | None
-    module: str | None
 
 
 @dataclass(frozen=True)
@@ -36,7 +28,7 @@ class PlannedItem:
 class ConceptPlan:
     """One concept's items that need retry: one retry message."""
 
-    concept: ConceptContext
+    concept: Concept
     items: list[PlannedItem] = field(default_factory=list)
 
 
@@ -52,7 +44,7 @@ class RetryPlan:
     repaired_count: int = 0
 
     @property
-    def items(self) -> list[tuple[ConceptContext, PlannedItem]]:
+    def items(self) -> list[tuple[Concept, PlannedItem]]:
         return [(plan.concept, item) for plan in self.concepts for item in plan.items]
 
     @property

@@ -29,20 +29,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeEngine
 
 from content_retry.content_types import STORAGE, ContentType
+from content_retry.sweep import SWEEP_CANDIDATE_PREDICATE
 
 metadata = MetaData()
-
-# Roadmaps whose framework_data shows some item not completed (a missing or null
-# status counts). Only the schedule sweep's candidate filter: the judge still
-# decides from the tables. As a partial index's predicate it keeps the index as
-# small as the number of roadmaps with work, so a sweep's cost follows that
-# number, not the table's size. The sweep's query repeats this exact text,
-# which is what lets PostgreSQL use the index.
-SWEEP_CANDIDATE_PREDICATE = (
-    "jsonb_path_exists(framework_data, '$.stages[*].modules[*].concepts[*] ? "
-    '(!(@.content_status == "completed") || !(@.resources_status == "completed") '
-    '|| !(@.quiz_status == "completed"))\')'
-)
 
 roadmap_metadata = Table(
     "roadmap_metadata",

@@ -1,0 +1,62 @@
+"""The states things are in, each vocabulary its own type.
+
+"failed" means different things in different places: a content row that
+failed (the platform's ``content_status``), a concept's status in
+``framework_data``, a ledger item that ended failed for its task, and the
+reason an item was planned. Each has its own enum, so one is never taken
+for another.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ContentStatus(StrEnum):
+    """``content_status`` of a row in a content table (DESIGN §3)."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class FrameworkStatus(StrEnum):
+    """A concept's status for one content type in ``framework_data`` (null: none)."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ItemStatus(StrEnum):
+    """A ledger item's state: one planned (task, concept, content type)."""
+
+    QUEUED = "queued"  # planned and claimed; its message is on the queue
+    RUNNING = "running"  # a worker started it (an attempt was counted)
+    SUCCEEDED = "succeeded"  # its content was saved for this task (or by someone else)
+    FAILED = "failed"  # ended without content, for good, with its reason
+    DEAD_LETTERED = "dead_lettered"  # its message is in the dead-letter queue
+
+
+# A ledger item in one of these states holds a claim on its item (DESIGN §4).
+CLAIMING_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.QUEUED, ItemStatus.RUNNING)
+# An item in one of these states is done for its task: never generated again.
+ENDED_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.SUCCEEDED, ItemStatus.FAILED)
+
+
+class TaskStatus(StrEnum):
+    """A retry task's state, derived from its items when read (never stored)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    COMPLETED_WITH_FAILURES = "completed_with_failures"
+
+
+def sql_list(values: tuple[StrEnum, ...]) -> str:
+    """SQL text for ``IN (...)`` of constant states, e.g. ``'queued', 'running'``.
+
+    Constants, not bound values: a partial index's predicate is only used by a
+    query that repeats it literally.
+    """
+    return ", ".join(f"'{value.value}'" for value in values)

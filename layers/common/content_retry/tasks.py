@@ -1,0 +1,122 @@
+"""A retry task as its owner sees it: ``GET /retry-tasks/{task_id}`` and ``content-retry status``.
+
+The task's status is derived from its items when read, never stored, so the
+workers that finish a task's last items at the same moment cannot race to
+maintain it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from uuid import UUID
+
+from pydantic import BaseModel
+from sqlalchemy import Connection, Engine, text
+
+from content_retry.content_types import ContentType
+from content_retry.plan.models import Reason
+from content_retry.statuses import CLAIMING_STATUSES, ItemStatus, TaskStatus
+
+
+class TaskCounts(BaseModel):
+    """Items by state; ``queued`` includes the ones a worker is running."""
+
+    queued: int
+    succeeded: int
+    failed: int
+    dead_lettered: int
+
+
+class TaskItem(BaseModel):
+    concept_id: str
+    content_type: ContentType
+    reason: Reason
+    status: ItemStatus
+    attempts: int
+    last_error: str | None
+
+
+class TaskView(BaseModel):
+    """One retry task, item by item (DESIGN §6)."""
+
+    task_id: str
+    roadmap_id: str
+    status: TaskStatus
+    counts: TaskCounts
+    items: list[TaskItem]
+
+    @classmethod
+    def of(cls, task_id: str, roadmap_id: str, items: list[TaskItem]) -> TaskView:
+        """The view of a task's items, its status and counts derived from them."""
+        counts = Counter(
+            ItemStatus.QUEUED.value if item.status in CLAIMING_STATUSES else item.status.value
+            for item in items
+        )
+        return cls(
+            task_id=task_id,
+            roadmap_id=roadmap_id,
+            status=_task_status({item.status for item in items}),
+            counts=TaskCounts(**{name: counts[name] for name in TaskCounts.model_fields}),
+            items=items,
+        )
+
+
+def _task_status(statuses: set[ItemStatus]) -> TaskStatus:
+    """queued: nothing started; running: some started, some open; completed:
+    every item succeeded; completed_with_failures: all ended, not all well."""
+    if not statuses or statuses == {ItemStatus.QUEUED}:
+        return TaskStatus.QUEUED
+    if statuses & set(CLAIMING_STATUSES):
+        return TaskStatus.RUNNING
+    if statuses == {ItemStatus.SUCCEEDED}:
+        return TaskStatus.COMPLETED
+    return TaskStatus.COMPLETED_WITH_FAILURES
+
+
+_READ_TASK = text(
+    "SELECT t.task_id, t.roadmap_id, t.user_id, i.concept_id, i.content_type, i.reason, "
+    "i.status, i.attempts, i.last_error "
+    "FROM retry_tasks AS t LEFT JOIN retry_items AS i ON i.task_id = t.task_id "
+    "WHERE t.task_id = CAST(:task_id AS uuid) "
+    "ORDER BY i.concept_id, array_position(CAST(:type_order AS text[]), i.content_type)"
+)
+
+
+def read_task(connection: Connection, task_id: str) -> tuple[TaskView, str] | None:
+    """A task with all its items and its owner's id, or None when there is no such task.
+
+    Raises:
+        ValueError: ``task_id`` is not a UUID.
+    """
+    rows = connection.execute(
+        _READ_TASK,
+        {"task_id": str(UUID(task_id)), "type_order": [member.value for member in ContentType]},
+    ).all()
+    if not rows:
+        return None
+    items = [
+        TaskItem(
+            concept_id=row.concept_id,
+            content_type=ContentType(row.content_type),
+            reason=Reason(row.reason),
+            status=ItemStatus(row.status),
+            attempts=row.attempts,
+            last_error=row.last_error,
+        )
+        for row in rows
+        if row.concept_id is not None
+    ]
+    first = rows[0]
+    return TaskView.of(str(first.task_id), first.roadmap_id, items), first.user_id
+
+
+def task_for_owner(engine: Engine, task_id: str, owner: str) -> TaskView | None:
+    """A task, or None when there is no such task or it is not ``owner``'s."""
+    try:
+        with engine.connect() as connection:
+            found = read_task(connection, task_id)
+    except ValueError:  # not an id we could have issued
+        return None
+    if found is None or found[1] != owner:
+        return None
+    return found[0]

@@ -1,0 +1,147 @@
+"""What the tests share: fakes of what the pipeline talks to, and small helpers.
+
+Fakes over mocks: each stands in for one interface the pipeline owns (a
+content generator) or one AWS call it makes (SendMessageBatch), and behaves
+like the real thing except for the fault it is told to inject.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from content_retry.aws import bedrock_runtime_client, client
+from content_retry.concepts import Concept
+from content_retry.content_types import ContentType
+from content_retry.database import get_engine
+from content_retry.generated import ContentModel
+from content_retry.generators import get_generator
+from content_retry.generators.template import TemplateGenerator
+from content_retry.messages import Preferences
+from content_retry.retries import DetectDependencies
+from content_retry.settings import Settings, get_settings
+from content_retry.worker import WorkerDependencies
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """The JSON of ``events/NAME`` (the same files ``sam local invoke -e`` takes)."""
+    event: dict[str, Any] = json.loads((REPO_ROOT / "events" / name).read_text())
+    return event
+
+
+def sqs_event(bodies: Iterable[str]) -> dict[str, Any]:
+    """An SQS event shaped like events/sqs-retry-batch.json, carrying these bodies."""
+    template = load_event("sqs-retry-batch.json")["Records"][0]
+    records = []
+    for number, body in enumerate(bodies):
+        record = copy.deepcopy(template)
+        record["messageId"] = f"message-{number}"
+        record["body"] = body
+        records.append(record)
+    return {"Records": records}
+
+
+def reset_process_caches() -> None:
+    """Forget the process's settings, clients, engine and generator (they are
+    created on first use from the environment, which a test just changed)."""
+    get_settings.cache_clear()
+    client.cache_clear()
+    bedrock_runtime_client.cache_clear()
+    get_generator.cache_clear()
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+
+
+def no_sleep(seconds: float) -> None:
+    """Backoff that does not wait: tests inject failures, not slowness."""
+
+
+class CountingGenerator:
+    """The template generator, counting its calls; chosen items fail or run a hook.
+
+    Attributes:
+        calls: (concept id, content type) of every call, in order.
+        failures: the exception an item raises instead of answering.
+        before_call: run before every call (say, to cut a connection).
+    """
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.failures: dict[tuple[str, str], Exception] = {}
+        self.before_call: Callable[[str, str], object] | None = None
+        self._template = TemplateGenerator()
+
+    def generate(
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
+    ) -> ContentModel:
+        key = (concept.concept_id, content_type.value)
+        self.calls.append(key)
+        if self.before_call:
+            self.before_call(*key)
+        if key in self.failures:
+            raise self.failures[key]
+        return self._template.generate(concept, content_type, preferences)
+
+
+@dataclass
+class FlakySqs:
+    """An SQS client whose SendMessageBatch fails the entries ``fails(body)`` picks.
+
+    Failed entries are reported the way SQS reports them (``Failed`` with a
+    code), so the sender's resend and release paths run. Every other call goes
+    to the real (moto) client. ``crash`` makes SendMessageBatch stop the
+    process instead, as a function killed between its commit and its send.
+    """
+
+    sqs: Any
+    fails: Callable[[dict[str, Any]], bool] = lambda body: False
+    crash: bool = False
+    batch_calls: int = 0
+    failed_entries: int = field(default=0)
+
+    def send_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> dict[str, Any]:
+        self.batch_calls += 1
+        if self.crash:
+            raise SystemExit("the function was stopped between commit and send")
+        failed = [entry for entry in Entries if self.fails(json.loads(entry["MessageBody"]))]
+        self.failed_entries += len(failed)
+        sent = [entry for entry in Entries if entry not in failed]
+        response = self.sqs.send_message_batch(QueueUrl=QueueUrl, Entries=sent) if sent else {}
+        return {
+            "Successful": response.get("Successful", []),
+            "Failed": [
+                {"Id": entry["Id"], "SenderFault": False, "Code": "InternalError", "Message": "x"}
+                for entry in failed
+            ],
+        }
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sqs, name)
+
+
+def detect_deps(engine: Engine, sqs: Any, settings: Settings | None = None) -> DetectDependencies:
+    """The detect function's dependencies: the test database, an SQS client, settings
+    from the environment (``queues`` sets the queue URLs), and no backoff waits."""
+    return DetectDependencies(
+        engine=engine, sqs=sqs, settings=settings or get_settings(), sleep=no_sleep
+    )
+
+
+def worker_deps(
+    engine: Engine, sqs: Any, generator: Any, settings: Settings | None = None
+) -> WorkerDependencies:
+    """The generate function's dependencies, with the given generator."""
+    return WorkerDependencies(
+        engine=engine, sqs=sqs, settings=settings or get_settings(), generator=generator
+    )
