@@ -32,8 +32,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, text
 
 from benchmarks.data import (
     ContentRow,
@@ -125,11 +124,11 @@ def _roadmap_id(size: int) -> str:
     return f"judge-{size}"
 
 
-def load_roadmap(session: Session, size: int) -> None:
+def load_roadmap(connection: Connection, size: int) -> None:
     """One roadmap of ``size`` concepts with the mix of the module docstring."""
     roadmap_id = _roadmap_id(size)
     seeds = concept_seeds(size, lambda index: _FRAMEWORK[index % 10])
-    add_roadmap(session, roadmap_id, seeds, age_minutes=24 * 60)
+    add_roadmap(connection, roadmap_id, seeds, age_minutes=24 * 60)
     rows: dict[ContentType, list[ContentRow]] = {T: [], R: [], Q: []}
     live_claims: list[tuple[str, ContentType]] = []
     expired_claims: list[tuple[str, ContentType]] = []
@@ -147,15 +146,17 @@ def load_roadmap(session: Session, size: int) -> None:
         if kind == 9:
             live_claims.append((concept_id, T))
     for content_type, content_rows in rows.items():
-        add_content_rows(session, content_type, roadmap_id, content_rows)
-    add_claims(session, roadmap_id, expired_claims, age_minutes=2 * LEASE_MINUTES, status="running")
-    add_claims(session, roadmap_id, live_claims)
+        add_content_rows(connection, content_type, roadmap_id, content_rows)
+    add_claims(
+        connection, roadmap_id, expired_claims, age_minutes=2 * LEASE_MINUTES, status="running"
+    )
+    add_claims(connection, roadmap_id, live_claims)
 
 
 def _plan(engine: Engine, roadmap_id: str) -> list[tuple[str, str, str]]:
     """The judge's plan, in a transaction of its own, as (concept, type, reason)."""
-    with Session(engine) as session, session.begin():
-        plan = build_retry_plan(session, roadmap_id, claim_lease_minutes=LEASE_MINUTES)
+    with engine.begin() as connection:
+        plan = build_retry_plan(connection, roadmap_id, claim_lease_minutes=LEASE_MINUTES)
     return [(c.concept_id, i.content_type.value, i.reason.value) for c, i in plan.items]
 
 
@@ -171,8 +172,8 @@ def _hand_written(engine: Engine, roadmap_id: str) -> list[tuple[str, str, str]]
 def _statements_with_a_repair(engine: Engine, roadmap_id: str) -> int:
     """Statements of one plan when a completed item's framework status is null
     (so the judge repairs it); rolled back, so the data stays as loaded."""
-    with Session(engine) as session, session.begin():
-        session.execute(
+    with engine.begin() as connection:
+        connection.execute(
             text(
                 "UPDATE roadmap_metadata SET framework_data = jsonb_set(framework_data, "
                 "'{stages,0,modules,0,concepts,0,content_status}', 'null') "
@@ -181,9 +182,9 @@ def _statements_with_a_repair(engine: Engine, roadmap_id: str) -> int:
             {"roadmap_id": roadmap_id},
         )
         with EngineCounter(engine) as counter:
-            plan = build_retry_plan(session, roadmap_id, claim_lease_minutes=LEASE_MINUTES)
+            plan = build_retry_plan(connection, roadmap_id, claim_lease_minutes=LEASE_MINUTES)
         assert plan.repaired_count == 1, plan.repaired_count
-        session.rollback()
+        connection.rollback()
     return len(counter.statements)
 
 
@@ -194,8 +195,8 @@ def _breakdown(engine: Engine, roadmap_id: str, judge_seconds: float, rounds: in
     params = {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES}
 
     def lock() -> None:
-        with Session(engine) as session, session.begin():
-            lock_roadmap(session, roadmap_id)
+        with engine.begin() as connection:
+            lock_roadmap(connection, roadmap_id)
 
     def state() -> None:
         with engine.begin() as connection:
@@ -218,9 +219,9 @@ def run(env: BenchEnv) -> Result:
     url = env.postgres.create_database("bench_b1")
     engine = build_engine(settings_for(url), pool_size=1)
     try:
-        with Session(engine) as session, session.begin():
+        with engine.begin() as connection:
             for size in SIZES:
-                load_roadmap(session, size)
+                load_roadmap(connection, size)
         analyze(engine)
 
         rounds = {100: 15, 1_000: 9, 10_000: 5} if env.quick else {100: 41, 1_000: 31, 10_000: 21}

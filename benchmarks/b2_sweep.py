@@ -1,6 +1,6 @@
 """B2: the sweep's candidate query over 10,000 and over 100,000 roadmaps, 100 needing work.
 
-What it measures: the time of ``content_retry.retries._SWEEP_CANDIDATES`` (the
+What it measures: the time of ``content_retry.sweep._SWEEP_CANDIDATES`` (the
 only part of ``sweep`` whose cost could follow the table's size: every
 roadmap it returns is then planned by the judge, B1, at a cost that depends
 on that roadmap alone) with the sweep's own parameters, on two databases
@@ -28,12 +28,11 @@ import json
 from functools import partial
 
 from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
 
 from benchmarks.harness import BenchEnv, Result, alternate, analyze, ms, say, settings_for
 from content_retry.database import build_engine
-from content_retry.retries import _SWEEP_CANDIDATES
 from content_retry.settings import Settings
+from content_retry.sweep import _SWEEP_CANDIDATES
 
 ID = "B2"
 WHAT = "sweep candidates: 100k roadmaps vs 10k, the same 100 needing work"
@@ -61,8 +60,8 @@ def _framework(lost_tutorial: bool) -> str:
 
 def load(engine: Engine, roadmaps: int) -> None:
     """``roadmaps`` roadmaps r1..rN, the first 100 needing work, with task history."""
-    with Session(engine) as session, session.begin():
-        session.execute(
+    with engine.begin() as connection:
+        connection.execute(
             text(
                 "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data, created_at, "
                 "updated_at) "
@@ -79,7 +78,7 @@ def load(engine: Engine, roadmaps: int) -> None:
             },
         )
         # Old tasks: every 100th roadmap succeeded once; every 5th needing work failed once.
-        session.execute(
+        connection.execute(
             text(
                 "WITH tasks AS ("
                 "  INSERT INTO retry_tasks (roadmap_id, user_id, trigger, created_at) "

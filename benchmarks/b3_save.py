@@ -35,7 +35,6 @@ from typing import Any
 
 from moto import mock_aws
 from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session
 
 from benchmarks.data import add_lost_tutorials_roadmap
 from benchmarks.harness import (
@@ -52,11 +51,11 @@ from benchmarks.harness import (
     settings_for,
 )
 from content_retry import ledger
+from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.database import build_engine
 from content_retry.generated import TutorialContent
 from content_retry.generators.template import TemplateGenerator
-from content_retry.concepts import Concept
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.observability import metrics
 from content_retry.plan import RetryPlan, build_retry_plan
@@ -115,15 +114,15 @@ class WorkerRun:
         self.events: list[dict[str, Any]] = []
 
     def prepare(self) -> None:
-        with Session(self.deps.engine) as session, session.begin():
+        with self.deps.engine.begin() as connection:
             # The worker skips an item someone already completed (the earlier
             # passes, the raw loop): retire those versions so every pass saves
             # every item anew, on top of the old versions.
-            session.execute(
+            connection.execute(
                 text("UPDATE tutorials SET is_latest = false WHERE roadmap_id = :r AND is_latest"),
                 {"r": self.plan.roadmap_id},
             )
-            task_id = ledger.create_task(session, self.plan, trigger="invoke", preferences={})
+            task_id = ledger.create_task(connection, self.plan, trigger="invoke", preferences={})
         bodies = [m.to_body() for m in messages_for_plan(task_id, self.plan, Preferences())]
         self.events = sqs_events(bodies, BATCH_SIZE)
 
@@ -229,11 +228,11 @@ def _measure(
 ) -> tuple[Measured, WorkerRun, RawLoop]:
     """Items per second of the worker and of the raw loop on a new roadmap."""
     roadmap_id = f"save-{concepts}"
-    with Session(deps.engine) as session, session.begin():
-        add_lost_tutorials_roadmap(session, roadmap_id, concepts)
+    with deps.engine.begin() as connection:
+        add_lost_tutorials_roadmap(connection, roadmap_id, concepts)
     analyze(deps.engine)
-    with Session(deps.engine) as session, session.begin():
-        plan = build_retry_plan(session, roadmap_id)
+    with deps.engine.begin() as connection:
+        plan = build_retry_plan(connection, roadmap_id)
     assert plan.item_count == concepts, plan.item_count
     worker, raw = WorkerRun(deps, plan), RawLoop(env.postgres, DATABASE, plan)
     times = alternate(

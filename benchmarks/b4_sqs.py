@@ -20,13 +20,12 @@ from collections import Counter
 from typing import Any
 
 from moto import mock_aws
-from sqlalchemy.orm import Session
 
 from benchmarks.data import add_lost_tutorials_roadmap
 from benchmarks.harness import BenchEnv, EngineCounter, Result, quiet_powertools, say, settings_for
 from content_retry.database import build_engine
 from content_retry.queue import BATCH_SIZE
-from content_retry.retries import Dependencies, start_retry
+from content_retry.retries import DetectDependencies, start_retry
 from content_retry_local.template import create_queues
 
 ID = "B4"
@@ -99,14 +98,14 @@ def run(env: BenchEnv) -> Result:
     url = env.postgres.create_database("bench_b4")
     engine = build_engine(settings_for(url), pool_size=1)
     try:
-        with Session(engine) as session, session.begin():
-            add_lost_tutorials_roadmap(session, ROADMAP_ID, CONCEPTS)
+        with engine.begin() as connection:
+            add_lost_tutorials_roadmap(connection, ROADMAP_ID, CONCEPTS)
         with mock_aws():
             import boto3
 
             sqs = boto3.client("sqs", region_name="us-east-1")
             queue_url, dlq_url = create_queues(sqs)
-            deps = Dependencies(
+            deps = DetectDependencies(
                 engine=engine,
                 sqs=sqs,
                 settings=settings_for(url, RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url),

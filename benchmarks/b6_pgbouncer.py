@@ -34,7 +34,6 @@ from typing import Any
 
 from moto import mock_aws
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 from benchmarks.b3_save import BATCH_SIZE, sqs_events
 from benchmarks.data import add_lost_tutorials_roadmap
@@ -122,8 +121,8 @@ class Worker:
 
     def prepare(self, engine: Engine) -> None:
         """A new task over the worker's plan, as SQS events (untimed)."""
-        with Session(engine) as session, session.begin():
-            task_id = ledger.create_task(session, self.plan, trigger="invoke", preferences={})
+        with engine.begin() as connection:
+            task_id = ledger.create_task(connection, self.plan, trigger="invoke", preferences={})
         bodies = [m.to_body() for m in messages_for_plan(task_id, self.plan, Preferences())]
         self.events = sqs_events(bodies, BATCH_SIZE)
 
@@ -215,10 +214,10 @@ def run(env: BenchEnv) -> Result:
         )
         for number in range(WORKERS):
             roadmap_id = f"pool-{number}"
-            with Session(setup_engine) as session, session.begin():
-                add_lost_tutorials_roadmap(session, roadmap_id, concepts)
-            with Session(setup_engine) as session, session.begin():
-                workers.append(Worker(number, build_retry_plan(session, roadmap_id)))
+            with setup_engine.begin() as connection:
+                add_lost_tutorials_roadmap(connection, roadmap_id, concepts)
+            with setup_engine.begin() as connection:
+                workers.append(Worker(number, build_retry_plan(connection, roadmap_id)))
 
         peaks: dict[str, int] = {}
         with (

@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 from content_retry.content_types import STORAGE, ContentType
 from content_retry_local.seed import ConceptSeed, build_framework, insert_roadmap
@@ -60,10 +59,14 @@ def framework_of(concepts: Sequence[ConceptSeed]) -> dict[str, Any]:
 
 
 def add_roadmap(
-    session: Session, roadmap_id: str, concepts: Sequence[ConceptSeed], *, age_minutes: int = 0
+    connection: Connection,
+    roadmap_id: str,
+    concepts: Sequence[ConceptSeed],
+    *,
+    age_minutes: int = 0,
 ) -> None:
     insert_roadmap(
-        session,
+        connection,
         roadmap_id,
         USER_ID,
         framework_of(concepts),
@@ -81,12 +84,12 @@ class ContentRow:
 
 
 def add_content_rows(
-    session: Session, content_type: ContentType, roadmap_id: str, rows: Sequence[ContentRow]
+    connection: Connection, content_type: ContentType, roadmap_id: str, rows: Sequence[ContentRow]
 ) -> None:
     """Insert content rows of one type, in one statement."""
     if not rows:
         return
-    session.execute(
+    connection.execute(
         text(
             f"INSERT INTO {STORAGE[content_type].table} "
             "(roadmap_id, concept_id, title, content_status, content_version, is_latest) "
@@ -107,7 +110,7 @@ def add_content_rows(
 
 
 def add_claims(
-    session: Session,
+    connection: Connection,
     roadmap_id: str,
     claims: Sequence[tuple[str, ContentType]],
     *,
@@ -116,7 +119,7 @@ def add_claims(
 ) -> str:
     """A retry task holding claims on ``claims`` (concept id, content type),
     claimed ``age_minutes`` ago; returns the task id."""
-    task_id = session.execute(
+    task_id = connection.execute(
         text(
             "INSERT INTO retry_tasks (roadmap_id, user_id, trigger, created_at) "
             "VALUES (:roadmap_id, :user_id, 'api', now() - make_interval(mins => :age)) "
@@ -124,7 +127,7 @@ def add_claims(
         ),
         {"roadmap_id": roadmap_id, "user_id": USER_ID, "age": age_minutes},
     ).scalar_one()
-    session.execute(
+    connection.execute(
         text(
             "INSERT INTO retry_items "
             "(task_id, roadmap_id, concept_id, content_type, reason, status, claimed_at) "
@@ -155,14 +158,14 @@ def tutorials_lost(index: int) -> dict[ContentType, str | None]:
     }
 
 
-def add_lost_tutorials_roadmap(session: Session, roadmap_id: str, concepts: int) -> None:
+def add_lost_tutorials_roadmap(connection: Connection, roadmap_id: str, concepts: int) -> None:
     """A roadmap of ``concepts`` concepts whose tutorials were all lost (rows for the
     completed resource lists and quizzes), so its plan has one item per concept."""
     seeds = concept_seeds(concepts, tutorials_lost)
-    add_roadmap(session, roadmap_id, seeds, age_minutes=24 * 60)
+    add_roadmap(connection, roadmap_id, seeds, age_minutes=24 * 60)
     for content_type in (ContentType.RESOURCES, ContentType.QUIZ):
         add_content_rows(
-            session,
+            connection,
             content_type,
             roadmap_id,
             [ContentRow(c.concept_id, "completed") for c in seeds],

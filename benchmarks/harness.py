@@ -244,10 +244,9 @@ class Postgres:
 
     def create_database(self, database: str) -> str:
         """A new, empty database with the pipeline's schema; returns its URL."""
-        from sqlalchemy.orm import Session
-
-        from content_retry.database import build_engine, create_missing
+        from content_retry.database import build_engine
         from content_retry.settings import Settings
+        from content_retry_local.schema import upgrade
 
         admin = self.connect()
         admin.autocommit = True
@@ -260,8 +259,7 @@ class Postgres:
         url = self.database_url(database)
         engine = build_engine(Settings(DATABASE_URL=url))
         try:
-            with Session(engine) as session, session.begin():
-                create_missing(session.connection())
+            upgrade(engine)
         finally:
             engine.dispose()
         return url

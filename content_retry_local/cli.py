@@ -62,12 +62,15 @@ def _demo(args: argparse.Namespace) -> int:
         return run_demo(environment)
 
 
-def _db_init(args: argparse.Namespace) -> int:
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from content_retry.database import get_engine
     from content_retry_local.environment import local_environment
+    from content_retry_local.schema import upgrade
 
     with local_environment(aws="none") as environment:
         _describe(environment)
-    print("tables and indexes: present (created what was missing; nothing dropped or altered)")
+        report = upgrade(get_engine())
+    print(f"{report} (no row of data was changed)")
     return 0
 
 
@@ -233,10 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
-    init = db_commands.add_parser(
-        "init", help="create the tables and indexes that are missing (never drops or alters data)"
+    upgrade_help = (
+        "bring the database's schema to this version's: the platform's missing tables, the "
+        "pipeline's migrations, its indexes (re-runnable; never changes a row of data)"
     )
-    init.set_defaults(run=_db_init)
+    for name in ("upgrade", "init"):
+        db_command = db_commands.add_parser(
+            name, help=upgrade_help if name == "upgrade" else "the same as db upgrade"
+        )
+        db_command.set_defaults(run=_db_upgrade)
 
     invoke = command(
         "invoke", "invoke a handler with an event file, like sam local invoke -e", _invoke

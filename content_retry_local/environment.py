@@ -1,7 +1,7 @@
 """Supplies the environment the handlers expect, when it is not given.
 
 - No ``DATABASE_URL`` (and no ``DB_AUTH``): an embedded PostgreSQL, data under
-  ``.local/pgdata``, reused between runs; its tables are created if missing.
+  ``.local/pgdata``, reused between runs; its schema is upgraded on every start.
 - No ``AWS_ENDPOINT_URL`` and no ``RETRY_QUEUE_URL``: moto's server on
   127.0.0.1, with the queues created as template.yaml defines them.
 
@@ -69,15 +69,16 @@ def local_environment(
     from content_retry.aws import bedrock_runtime_client, client
     from content_retry.database import get_engine
     from content_retry_local.postgres import start_embedded_postgres
-    from content_retry_local.schema import create_missing
+    from content_retry_local.schema import upgrade
 
     settings = get_settings()
     described = LocalEnvironment(database="given", aws="given")
     if not settings.database_url and not settings.db_auth:
         _set(DATABASE_URL=start_embedded_postgres(state_dir / "pgdata"))
         described.database = "embedded"
-    with get_engine().begin() as connection:
-        create_missing(connection)
+        # Its own database is kept current; a given one is upgraded only by
+        # `content-retry db upgrade`, which its operator runs on purpose.
+        upgrade(get_engine())
 
     server: Any = None
     if aws == "none":

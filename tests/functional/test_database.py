@@ -1,4 +1,4 @@
-"""Database access: schema creation, the engine's modes, reconnecting."""
+"""Database access: the contract's tables, the engine's modes, reconnecting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
-from sqlalchemy import Connection, Engine, make_url, text
+from sqlalchemy import Connection, make_url, text
 
 from content_retry.database import build_engine
 from content_retry.database.engine import (
@@ -20,8 +20,6 @@ from content_retry.database.engine import (
     secret_connect_params,
 )
 from content_retry.settings import Settings, SettingsError
-from content_retry_local.schema import create_missing
-from content_retry_local.seed import seed_scenario
 from tests.conftest import REPO_ROOT
 
 
@@ -30,61 +28,6 @@ def _socket_dir(database_url: str) -> str:
     if not isinstance(unix_sock, str):
         pytest.skip("needs the embedded (Unix socket) server to connect without TLS")
     return unix_sock.rsplit("/", 1)[0]
-
-
-def test_db_init_twice_creates_nothing_and_keeps_every_row(
-    connection: Connection, db: Engine
-) -> None:
-    # GIVEN a database holding the seed's rows
-    seed_scenario(connection, other_failures=True)
-    connection.commit()
-    before = connection.execute(text("SELECT count(*) FROM tutorials")).scalar_one()
-
-    # WHEN db init runs again, twice
-    with db.begin() as init:
-        first = create_missing(init)
-    with db.begin() as init:
-        second = create_missing(init)
-
-    # THEN nothing was created and nothing was lost
-    assert first == [] and second == []
-    assert connection.execute(text("SELECT count(*) FROM tutorials")).scalar_one() == before == 10
-
-
-def test_db_init_never_alters_an_existing_table(database_url: str) -> None:
-    # GIVEN an empty schema where the platform already has its own roadmap_metadata
-    engine = build_engine(Settings(DATABASE_URL=database_url))
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA IF EXISTS db_init_test CASCADE"))
-        connection.execute(text("CREATE SCHEMA db_init_test"))
-    try:
-        with engine.begin() as connection:
-            connection.execute(text("SET LOCAL search_path TO db_init_test"))
-            connection.execute(
-                text(
-                    "CREATE TABLE roadmap_metadata (roadmap_id text PRIMARY KEY, user_id text NOT "
-                    "NULL, title text, framework_data jsonb NOT NULL, created_at timestamptz NOT "
-                    "NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), "
-                    "platform_column text)"
-                )
-            )
-            connection.execute(
-                text(
-                    "INSERT INTO roadmap_metadata (roadmap_id, user_id, framework_data, "
-                    "platform_column) VALUES ('r', 'u', '{}', 'kept')"
-                )
-            )
-            # WHEN db init runs in that schema
-            created = create_missing(connection)
-            # THEN it created the rest and left the platform's table and row alone
-            assert "roadmap_metadata" not in created
-            assert {"tutorials", "retry_items"} <= set(created)
-            kept = connection.execute(text("SELECT platform_column FROM roadmap_metadata"))
-            assert kept.scalar_one() == "kept"
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA db_init_test CASCADE"))
-        engine.dispose()
 
 
 def test_the_contract_insert_naming_only_contract_columns_works(connection: Connection) -> None:

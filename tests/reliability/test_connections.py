@@ -23,7 +23,6 @@ from sqlalchemy import make_url
 
 from content_retry import ledger
 from content_retry.database import build_engine
-from content_retry_local.schema import create_missing
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, messages_for_plan
 from content_retry.plan import build_retry_plan
@@ -32,6 +31,7 @@ from content_retry.worker import WorkerDependencies, handle_retry_batch
 from content_retry_local.lambda_runtime import sqs_record
 from content_retry_local.pgbouncer import PgBouncer, find_pgbouncer
 from content_retry_local.postgres import start_embedded_postgres
+from content_retry_local.schema import upgrade
 from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_framework
 from content_retry_local.template import create_queues
 
@@ -62,8 +62,7 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory) -> Server:
         max_connections=MAX_CONNECTIONS,
     )
     engine = build_engine(Settings(DATABASE_URL=url))
-    with engine.begin() as connection:
-        create_missing(connection)
+    upgrade(engine)
     engine.dispose()
     unix_sock = str(make_url(url).query["unix_sock"])
     socket_dir, _, name = unix_sock.rpartition("/")
