@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 import uuid
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from content_retry_local.lambda_runtime import invoke
 
 DEV_USER_HEADER = "X-Dev-User"
+REQUEST_TIMEOUT_SECONDS = 10
+_HANDLER_TURN = threading.Lock()
 
 ROUTES = (
     (
@@ -83,78 +86,83 @@ def api_gateway_event(
     }
 
 
-def make_server(port: int, *, dev_identity: bool) -> HTTPServer:
-    """An HTTP server on 127.0.0.1 answering with the detect handler."""
-    from content_retry.api import openapi_document
+class ApiRequestHandler(BaseHTTPRequestHandler):
+    """One HTTP request: the OpenAPI document and Swagger UI, or the API through
+    the detect handler (405 with ``Allow`` for a method no route takes)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "content-retry-local"
+    server_version = "content-retry-local"
+    # Seconds a client may take to send its request: one that stalls mid-body
+    # gets its connection closed instead of holding a thread forever.
+    timeout = REQUEST_TIMEOUT_SECONDS
+    dev_identity = False
 
-        def _send(
-            self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
-        ) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in (extra or {}).items():
-                if name.lower() not in ("content-type", "content-length"):
-                    self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
+    def _send(
+        self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra or {}).items():
+            if name.lower() not in ("content-type", "content-length"):
+                self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
 
-        def _api(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length).decode("utf-8", errors="replace") if length else None
-            headers = dict(self.headers.items())
-            caller = self.headers.get(DEV_USER_HEADER) if dev_identity else None
-            event = api_gateway_event(self.command, self.path, headers, body, caller or None)
+    def _api(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("utf-8", errors="replace") if length else None
+        headers = dict(self.headers.items())
+        caller = self.headers.get(DEV_USER_HEADER) if self.dev_identity else None
+        event = api_gateway_event(self.command, self.path, headers, body, caller or None)
+        # Powertools' resolver keeps the current request on one shared object,
+        # so handler calls take turns; reading and writing requests does not.
+        with _HANDLER_TURN:
             response = invoke("detect", event)
-            self._send(
-                int(response["statusCode"]),
-                (response.get("body") or "").encode(),
-                response.get("headers", {}).get("Content-Type", "application/json"),
-                response.get("headers"),
-            )
+        self._send(
+            int(response["statusCode"]),
+            (response.get("body") or "").encode(),
+            response.get("headers", {}).get("Content-Type", "application/json"),
+            response.get("headers"),
+        )
 
-        def do_GET(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/openapi.json":
-                self._send(HTTPStatus.OK, openapi_document().encode(), "application/json")
-            elif path in ("/", "/docs"):
-                self._send(HTTPStatus.OK, SWAGGER_PAGE.encode(), "text/html; charset=utf-8")
-            else:
-                self._api()
+    def do_GET(self) -> None:
+        from content_retry.api import openapi_document
 
-        def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/openapi.json":
+            self._send(HTTPStatus.OK, openapi_document().encode(), "application/json")
+        elif path in ("/", "/docs"):
+            self._send(HTTPStatus.OK, SWAGGER_PAGE.encode(), "text/html; charset=utf-8")
+        else:
             self._api()
 
-        def _not_allowed(self) -> None:
-            path = urlsplit(self.path).path
-            allowed = [method for method, pattern, _ in ROUTES if pattern.match(path)]
-            if path in ("/", "/docs", "/openapi.json"):
-                allowed = ["GET"]
-            body = (
-                b""
-                if self.command == "HEAD"
-                else json.dumps(
-                    {
-                        "success": False,
-                        "message": f"method {self.command} not allowed",
-                        "errors": [],
-                    }
-                ).encode()
-            )
-            allow = {"Allow": ", ".join(allowed)} if allowed else None
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, body, "application/json", allow)
+    def do_POST(self) -> None:
+        self._api()
 
-        def __getattr__(self, name: str) -> Any:
-            # Any other method (PUT, TRACE, QUERY...): http.server looks up
-            # do_<METHOD> and would answer 501; the API answers 405 instead.
-            if name.startswith("do_"):
-                return self._not_allowed
-            raise AttributeError(name)
+    def _not_allowed(self) -> None:
+        path = urlsplit(self.path).path
+        allowed = [method for method, pattern, _ in ROUTES if pattern.match(path)]
+        if path in ("/", "/docs", "/openapi.json"):
+            allowed = ["GET"]
+        message = {"success": False, "message": f"method {self.command} not allowed", "errors": []}
+        body = b"" if self.command == "HEAD" else json.dumps(message).encode()
+        allow = {"Allow": ", ".join(allowed)} if allowed else None
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, body, "application/json", allow)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            print(json.dumps({"event": "http_request", "line": format % args}))
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (PUT, TRACE, QUERY...): http.server looks up
+        # do_<METHOD> and would answer 501; the API answers 405 instead.
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
 
-    return HTTPServer(("127.0.0.1", port), Handler)
+    def log_message(self, format: str, *args: Any) -> None:
+        print(json.dumps({"event": "http_request", "line": format % args}))
+
+
+def make_server(port: int, *, dev_identity: bool) -> ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 answering with the detect handler, a thread per request."""
+    handler = type("ApiRequestHandler", (ApiRequestHandler,), {"dev_identity": dev_identity})
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    return server

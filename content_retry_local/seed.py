@@ -7,13 +7,13 @@ Rows are written naming only the contract's columns, as the platform writes them
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, text
 
-from content_retry.content_types import STORAGE, ContentType
+from content_retry.content_types import STORAGE, ContentType, PayloadFormat
 
 SEED_ROADMAP_ID = "agent-performance-optimization-x5y9z2q8"
 SEED_USER_ID = "u-42"
@@ -103,7 +103,7 @@ class ConceptSeed:
     concept_id: str
     name: str
     description: str
-    statuses: dict[str, str | None] = field(default_factory=dict)
+    statuses: Mapping[str, str | None] = field(default_factory=dict)
 
 
 def build_framework(
@@ -182,17 +182,17 @@ def insert_content_row(
 ) -> None:
     """Insert one content row as the platform would (content filled when completed)."""
     storage = STORAGE[content_type]
-    payload_column, payload = {
-        ContentType.TUTORIAL: ("content", f"# {concept_id}\n\nSaved by the platform."),
-        ContentType.RESOURCES: ("resources", json.dumps([])),
-        ContentType.QUIZ: ("questions", json.dumps([])),
-    }[content_type]
-    cast = "CAST(:payload AS jsonb)" if content_type is not ContentType.TUTORIAL else ":payload"
+    payload = (
+        json.dumps([])
+        if storage.payload_format is PayloadFormat.JSON
+        else f"# {concept_id}\n\nSaved by the platform."
+    )
     connection.execute(
         text(
-            f"INSERT INTO {storage.table} (roadmap_id, concept_id, title, {payload_column}, "  # noqa: S608  # nosec B608
-            f"content_status, content_version, is_latest) VALUES (:roadmap_id, :concept_id, "
-            f":title, {cast}, :status, :version, :is_latest)"
+            f"INSERT INTO {storage.table} (roadmap_id, concept_id, title, "  # noqa: S608  # nosec B608
+            f"{storage.payload_column}, content_status, content_version, is_latest) VALUES "
+            f"(:roadmap_id, :concept_id, :title, CAST(:payload AS {storage.payload_sql_type}), "
+            ":status, :version, :is_latest)"
         ),
         {
             "roadmap_id": roadmap_id,

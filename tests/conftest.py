@@ -23,9 +23,9 @@ from content_retry_local.postgres import start_embedded_postgres
 from content_retry_local.schema import upgrade
 from content_retry_local.template import create_queues
 from tests import support
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, FakeLambdaContext
 
-__all__ = ["REPO_ROOT"]
+__all__ = ["REPO_ROOT", "FakeLambdaContext"]
 
 
 @pytest.fixture(scope="session")
@@ -163,20 +163,6 @@ def queues(env: pytest.MonkeyPatch, db: Engine) -> Iterator[Queues]:
         support.reset_process_caches()
         yield Queues(sqs, queue_url, dlq_url)
         support.reset_process_caches()
-
-
-@dataclass
-class FakeLambdaContext:
-    """What the Lambda runtime passes as ``context``; time left is settable."""
-
-    function_name: str = "content-retry-test"
-    memory_limit_in_mb: int = 512
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:content-retry-test"
-    aws_request_id: str = "00000000-0000-4000-8000-000000000000"
-    remaining_ms: int = 300_000
-
-    def get_remaining_time_in_millis(self) -> int:
-        return self.remaining_ms
 
 
 @pytest.fixture

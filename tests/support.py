@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aws_lambda_powertools.utilities.typing import LambdaContext
 from sqlalchemy import Engine
 
 from content_retry.aws import bedrock_runtime_client, client
@@ -59,6 +60,25 @@ def reset_process_caches() -> None:
     if get_engine.cache_info().currsize:
         get_engine().dispose()
     get_engine.cache_clear()
+
+
+class FakeLambdaContext(LambdaContext):
+    """What the Lambda runtime passes as ``context``; the time left is settable."""
+
+    def __init__(self, remaining_ms: int = 300_000) -> None:
+        self._function_name = "content-retry-test"
+        self._function_version = "$LATEST"
+        self._invoked_function_arn = (
+            "arn:aws:lambda:us-east-1:123456789012:function:content-retry-test"
+        )
+        self._memory_limit_in_mb = 512
+        self._aws_request_id = "00000000-0000-4000-8000-000000000000"
+        self._log_group_name = "/aws/lambda/content-retry-test"
+        self._log_stream_name = "2026/11/28/[$LATEST]test"
+        self.remaining_ms = remaining_ms
+
+    def get_remaining_time_in_millis(self) -> int:  # type: ignore[override]
+        return self.remaining_ms
 
 
 def no_sleep(seconds: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from functions.detect.app import lambda_handler
 from tests.conftest import FakeLambdaContext, Queues
 from tests.support import FlakySqs, detect_deps
 
-EventLoader = Any
+EventLoader = Callable[[str], dict[str, Any]]
 
 
 def as_user(event: dict[str, Any], user: str | None) -> dict[str, Any]:
@@ -106,7 +107,10 @@ def test_seed_scenario_through_the_api_queues_21_self_contained_messages(
         assert message.generated is None
     # and the plan was logged as an event with its counts
     plan_built = next(record for record in caplog.records if record.msg == "retry_plan_built")
-    assert (plan_built.missing_count, plan_built.stale_count, plan_built.planned_count) == (
+    counts = [
+        getattr(plan_built, name) for name in ("missing_count", "stale_count", "planned_count")
+    ]
+    assert tuple(counts) == (
         11,
         10,
         21,
@@ -341,7 +345,7 @@ def test_a_send_failure_releases_the_claim_and_the_task_says_so(
     assert "could not be queued" in outcome.message
     assert queues.depth() == 19
     with deps.engine.connect() as check:
-        items = dict(
+        items: dict[str, str] = dict(
             check.execute(
                 text(
                     "SELECT concept_id, status FROM retry_items WHERE concept_id IN ('c11', 'c12')"

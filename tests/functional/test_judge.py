@@ -19,6 +19,7 @@ from content_retry_local.seed import (
     seed_scenario,
     single_module_framework,
 )
+from tests.rule_table import RULE
 
 LEASE_MINUTES = 60
 FRAMEWORK_STATUSES = (None, "pending", "processing", "completed", "failed")
@@ -32,22 +33,14 @@ TABLE_STATES = (
 CLAIMS = ("none", "live", "expired")
 
 
-def expected_outcome(
-    framework_status: str | None, table_state: str, claim: str
-) -> tuple[str | None, str | None]:
-    """(reason when planned else None, framework status after planning), by DESIGN §4."""
-    has_completed_latest = table_state == "latest_completed"
-    latest_failed = table_state in ("latest_failed", "older_completed_under_newer_failed")
-    if has_completed_latest:
-        repaired = "completed" if framework_status in (None, "failed") else framework_status
-        return None, repaired
-    if claim == "live":
-        return None, framework_status
-    if framework_status == "failed" or latest_failed:
-        return "failed", framework_status
-    if framework_status == "processing":
-        return "stale", framework_status
-    return "missing", framework_status
+# What each table state shows the judge as the item's latest row (tests/rule_table.py).
+LATEST_ROW = {
+    "no_row": "none",
+    "latest_completed": "completed",
+    "latest_failed": "failed",
+    "older_completed_under_newer_failed": "failed",
+    "only_non_latest_completed": "none",
+}
 
 
 def insert_table_state(
@@ -149,7 +142,7 @@ def test_every_item_state_gets_the_contract_decision(
 
     # THEN the item is planned with the contract's reason, or left out, and a
     # framework status that contradicts a completed latest row is repaired
-    reason, status_after = expected_outcome(framework_status, table_state, claim)
+    reason, status_after = RULE[(framework_status, LATEST_ROW[table_state], claim)]
     planned = [(c.concept_id, i.content_type.value, i.reason.value) for c, i in plan.items]
     assert planned == ([("c1", content_type.value, reason)] if reason else [])
     assert framework_status_of(connection, "r1", "c1", status_key) == status_after

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from content_retry.database import build_engine
 from content_retry.generators import TransientGenerationError
 from content_retry.settings import Settings
 from content_retry_local.aws import start_threaded_moto
-from content_retry_local.http_api import make_server
+from content_retry_local.http_api import ApiRequestHandler, make_server
 from content_retry_local.lambda_runtime import drain, invoke, queue_depth, redrive
 from content_retry_local.seed import (
     SEED_ROADMAP_ID,
@@ -308,3 +310,33 @@ def test_the_staged_fault_ends_only_the_sessions_of_its_own_engine(
         assert worker_pid not in alive
         assert bystander_pid in alive
     worker.dispose()
+
+
+def test_serve_answers_others_while_one_client_stalls_and_times_the_stall_out(
+    queues: Queues, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GIVEN the local API, whose clients get 1 s to send their request
+    monkeypatch.setattr(ApiRequestHandler, "timeout", 1)
+    server = make_server(0, dev_identity=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        # WHEN one client sends its headers and half its body, then stalls
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            b"POST /roadmaps/r/retry HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\nX-Dev-User: u-1\r\n\r\n{"content'
+        )
+        # THEN another client is answered at once...
+        started = time.monotonic()
+        status, _ = request(f"http://127.0.0.1:{port}/openapi.json")
+        assert status == 200
+        assert time.monotonic() - started < 1
+        # ...and the stalled one is cut off once its time is up
+        stalled.settimeout(5)
+        assert stalled.recv(1024) == b""
+        stalled.close()
+    finally:
+        server.shutdown()
+        server.server_close()

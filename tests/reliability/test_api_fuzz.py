@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -22,12 +23,10 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy import Engine
 
 from content_retry.api import openapi_document
-from content_retry.aws import client
-from content_retry.database import get_engine
-from content_retry.settings import get_settings
 from content_retry_local.http_api import make_server
 from content_retry_local.seed import seed_scenario
 from content_retry_local.template import create_queues
+from tests.support import reset_process_caches
 
 schema = schemathesis.openapi.from_dict(json.loads(openapi_document()))
 CHECKS = [
@@ -50,12 +49,10 @@ def served_api(engine: Engine, database_url: str) -> Iterator[str]:
         }.items():
             patch.setenv(name, value)
         patch.delenv("AWS_ENDPOINT_URL", raising=False)
-        get_settings.cache_clear()
-        client.cache_clear()
         queue_url, dlq_url = create_queues(boto3.client("sqs", region_name="us-east-1"))
         patch.setenv("RETRY_QUEUE_URL", queue_url)
         patch.setenv("RETRY_DLQ_URL", dlq_url)
-        get_settings.cache_clear()
+        reset_process_caches()
         with engine.begin() as connection:
             seed_scenario(connection, other_failures=True)
         server = make_server(0, dev_identity=True)
@@ -66,21 +63,14 @@ def served_api(engine: Engine, database_url: str) -> Iterator[str]:
         finally:
             server.shutdown()
             server.server_close()
-            if get_engine.cache_info().currsize:
-                get_engine().dispose()
-            get_engine.cache_clear()
-            get_settings.cache_clear()
-            client.cache_clear()
+            reset_process_caches()
             with engine.begin() as connection:
-                connection.exec_driver_sql(
-                    "TRUNCATE roadmap_metadata, tutorials, resource_recommendations, quizzes, "
-                    "retry_tasks, retry_items CASCADE"
-                )
+                connection.exec_driver_sql("TRUNCATE roadmap_metadata CASCADE")
 
 
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_no_server_errors_and_every_response_matches_the_schema(
-    case: schemathesis.Case, served_api: str
+    case: schemathesis.Case[Any], served_api: str
 ) -> None:
     case.call_and_validate(base_url=served_api, headers={"X-Dev-User": "u-42"}, checks=CHECKS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -31,7 +32,9 @@ HOSTILE_IDS = [
 ]
 
 
-def retry_event(load_event: Any, roadmap_id: str, body: str | None = None) -> dict[str, Any]:
+def retry_event(
+    load_event: Callable[[str], dict[str, Any]], roadmap_id: str, body: str | None = None
+) -> dict[str, Any]:
     event = copy.deepcopy(load_event("api-retry.json"))
     event["path"] = f"/roadmaps/{roadmap_id}/retry"
     event["pathParameters"] = {"roadmap_id": roadmap_id}

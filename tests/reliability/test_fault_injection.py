@@ -14,6 +14,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
@@ -28,7 +29,7 @@ from content_retry.generators import (
 )
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, RetryMessage
-from content_retry.retries import start_retry
+from content_retry.retries import DetectDependencies, start_retry
 from content_retry.sweep import sweep
 from content_retry.worker import WorkerDependencies, handle_retry_batch
 from content_retry_local.lambda_runtime import redrive, sqs_record
@@ -36,7 +37,7 @@ from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_
 from content_retry_local.sessions import EngineSessions
 from content_retry_local.template import resource
 from tests.conftest import FakeLambdaContext, Queues
-from tests.support import FlakySqs, detect_deps
+from tests.support import FlakySqs, detect_deps, worker_deps
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261127"))
 ROADMAPS = 10
@@ -166,14 +167,8 @@ class Run:
         ).moved
 
 
-def test_under_injected_faults_nothing_is_lost_or_saved_twice(
-    connection: Connection, db: Engine, queues: Queues
-) -> None:
-    rng = random.Random(SEED)
-    faults = Faults(rng)
-    print(f"\nreliability run: seed={SEED} roadmaps={ROADMAPS} concepts={CONCEPTS} rates={RATES}")
-
-    # GIVEN N roadmaps x M concepts, every item missing, a few doomed to fail for good
+def seed_roadmaps(connection: Connection) -> set[Item]:
+    """N roadmaps x M concepts, every item missing; returns the items."""
     items: set[Item] = set()
     for r in range(ROADMAPS):
         concepts = [
@@ -185,49 +180,44 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
         )
         items |= {(f"r{r}", f"r{r}-c{c}", t.value) for c in range(CONCEPTS) for t in ContentType}
     connection.commit()
-    doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
-    detect = detect_deps(db, queues.sqs)
-    worker_sessions = EngineSessions(detect.engine)
-    generator = FaultyGenerator(faults, doomed, worker_sessions)
-    run = Run(
-        queues=queues,
-        deps=WorkerDependencies(detect.engine, queues.sqs, detect.settings, generator),
-        generator=generator,
-        faults=faults,
-    )
-    detect.sqs = FlakySqs(queues.sqs, lambda body: faults.roll("sqs_send_failed"))
+    return items
 
-    # WHEN every roadmap is retried through detect, then the system is driven to
-    # rest: drain, re-drive the DLQ, and sweep once the claims have expired
-    for r in range(ROADMAPS):
-        start_retry(detect, f"r{r}", trigger="api")
+
+def let_time_pass(db: Engine) -> None:
+    """Leases and cooldowns expire: every time the pipeline keeps moves a day back."""
+    with db.begin() as connection:
+        for statement in (
+            "UPDATE retry_items SET claimed_at = claimed_at - interval '1 day'",
+            "UPDATE retry_tasks SET created_at = created_at - interval '1 day'",
+            "UPDATE roadmap_sweeps SET swept_at = swept_at - interval '1 day'",
+        ):
+            connection.execute(text(statement))
+
+
+def open_items(db: Engine) -> set[Item]:
+    with db.connect() as connection:
+        return {
+            (row.roadmap_id, row.concept_id, row.content_type)
+            for row in connection.execute(
+                text(
+                    "SELECT roadmap_id, concept_id, content_type FROM retry_items "
+                    "WHERE status IN ('queued', 'running')"
+                )
+            )
+        }
+
+
+def drive_to_rest(run: Run, detect: DetectDependencies, db: Engine, doomed: set[Item]) -> None:
+    """Drain, re-drive the DLQ, let the claims expire and sweep, until nothing is left
+    but the items doomed to fail; then count every enqueue from the ledger."""
     for round_number in range(MAX_ROUNDS):
         run.drain()
         while run.redrive():
             run.drain()
-        with db.begin() as connection:  # time passes: leases and cooldowns expire
-            connection.execute(
-                text("UPDATE retry_items SET claimed_at = claimed_at - interval '1 day'")
-            )
-            connection.execute(
-                text("UPDATE retry_tasks SET created_at = created_at - interval '1 day'")
-            )
-            connection.execute(
-                text("UPDATE roadmap_sweeps SET swept_at = swept_at - interval '1 day'")
-            )
+        let_time_pass(db)
         swept = sweep(detect)
         print(f"round {round_number}: sweep planned {swept.retried_count} item(s)")
-        with db.connect() as connection:
-            pending = {
-                (row.roadmap_id, row.concept_id, row.content_type)
-                for row in connection.execute(
-                    text(
-                        "SELECT roadmap_id, concept_id, content_type FROM retry_items "
-                        "WHERE status IN ('queued', 'running')"
-                    )
-                )
-            }
-        if pending <= doomed and swept.retried_count <= len(doomed):
+        if open_items(db) <= doomed and swept.retried_count <= len(doomed):
             run.drain()
             break
     with db.connect() as connection:
@@ -236,66 +226,114 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
         ):
             run.enqueues[(row.roadmap_id, row.concept_id, row.content_type)] += 1
 
+
+@dataclass
+class EndState:
+    """What the database holds at rest."""
+
+    versions: dict[Item, list[tuple[int, bool, str]]]
+    latest_ledger: dict[Item, tuple[str, str | None]]
+    succeeded: set[Item]
+    frameworks: dict[str, Any]
+
+    @classmethod
+    def read(cls, db: Engine) -> EndState:
+        with db.connect() as connection:
+            versions: dict[Item, list[tuple[int, bool, str]]] = {}
+            for content_type, storage in STORAGE.items():
+                for row in connection.execute(
+                    text(
+                        "SELECT roadmap_id, concept_id, content_version, is_latest, "
+                        f"content_status FROM {storage.table}"
+                    )
+                ):
+                    versions.setdefault(
+                        (row.roadmap_id, row.concept_id, content_type.value), []
+                    ).append((row.content_version, row.is_latest, row.content_status))
+            latest_ledger = {
+                (row.roadmap_id, row.concept_id, row.content_type): (row.status, row.last_error)
+                for row in connection.execute(
+                    text(
+                        "SELECT DISTINCT ON (i.roadmap_id, i.concept_id, i.content_type) "
+                        "i.roadmap_id, i.concept_id, i.content_type, i.status, i.last_error "
+                        "FROM retry_items AS i JOIN retry_tasks AS t USING (task_id) "
+                        "ORDER BY i.roadmap_id, i.concept_id, i.content_type, t.created_at DESC"
+                    )
+                )
+            }
+            succeeded = {
+                (row.roadmap_id, row.concept_id, row.content_type)
+                for row in connection.execute(
+                    text(
+                        "SELECT DISTINCT roadmap_id, concept_id, content_type FROM retry_items "
+                        "WHERE status = 'succeeded'"
+                    )
+                )
+            }
+            frameworks: dict[str, Any] = dict(
+                connection.execute(
+                    text("SELECT roadmap_id, framework_data FROM roadmap_metadata")
+                ).all()
+            )
+        return cls(versions, latest_ledger, succeeded, frameworks)
+
+    @property
+    def completed(self) -> set[Item]:
+        return {
+            item
+            for item, versions in self.versions.items()
+            if any(latest and status == "completed" for _, latest, status in versions)
+        }
+
+    @property
+    def failed_with_reason(self) -> set[Item]:
+        return {
+            item
+            for item, (status, error) in self.latest_ledger.items()
+            if status == "failed" and error
+        }
+
+    def framework_disagreements(self) -> list[tuple[Item, str | None]]:
+        """Items whose framework status is not what their rows say."""
+        completed = self.completed
+        disagreeing = []
+        for roadmap_id, framework in self.frameworks.items():
+            for concept in framework["stages"][0]["modules"][0]["concepts"]:
+                for content_type, storage in STORAGE.items():
+                    item = (roadmap_id, concept["concept_id"], content_type.value)
+                    status = concept.get(storage.status_key)
+                    if status != ("completed" if item in completed else "failed"):
+                        disagreeing.append((item, status))
+        return disagreeing
+
+
+def test_under_injected_faults_nothing_is_lost_or_saved_twice(
+    connection: Connection, db: Engine, queues: Queues
+) -> None:
+    rng = random.Random(SEED)
+    faults = Faults(rng)
+    print(f"\nreliability run: seed={SEED} roadmaps={ROADMAPS} concepts={CONCEPTS} rates={RATES}")
+
+    # GIVEN N roadmaps x M concepts, every item missing, a few doomed to fail for good
+    items = seed_roadmaps(connection)
+    doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
+    detect = detect_deps(db, queues.sqs)
+    generator = FaultyGenerator(faults, doomed, EngineSessions(detect.engine))
+    run = Run(queues, worker_deps(db, queues.sqs, generator), generator, faults)
+    detect.sqs = FlakySqs(queues.sqs, lambda body: faults.roll("sqs_send_failed"))
+
+    # WHEN every roadmap is retried through detect, then the system is driven to rest
+    for r in range(ROADMAPS):
+        start_retry(detect, f"r{r}", trigger="api")
+    drive_to_rest(run, detect, db, doomed)
+
     # THEN every item ended completed, or failed with a reason; none is lost
-    with db.connect() as connection:
-        rows: dict[Item, list[tuple[int, bool, str]]] = {}
-        for content_type in ContentType:
-            for row in connection.execute(
-                text(
-                    f"SELECT roadmap_id, concept_id, content_version, is_latest, content_status FROM {STORAGE[content_type].table}"
-                )
-            ):
-                rows.setdefault((row.roadmap_id, row.concept_id, content_type.value), []).append(
-                    (row.content_version, row.is_latest, row.content_status)
-                )
-        latest_ledger = {
-            (row.roadmap_id, row.concept_id, row.content_type): (row.status, row.last_error)
-            for row in connection.execute(
-                text(
-                    "SELECT DISTINCT ON (i.roadmap_id, i.concept_id, i.content_type) i.roadmap_id, "
-                    "i.concept_id, i.content_type, i.status, i.last_error FROM retry_items AS i "
-                    "JOIN retry_tasks AS t USING (task_id) "
-                    "ORDER BY i.roadmap_id, i.concept_id, i.content_type, t.created_at DESC"
-                )
-            )
-        }
-        succeeded_items = {
-            (row.roadmap_id, row.concept_id, row.content_type)
-            for row in connection.execute(
-                text(
-                    "SELECT DISTINCT roadmap_id, concept_id, content_type FROM retry_items WHERE status = 'succeeded'"
-                )
-            )
-        }
-        frameworks = {
-            row.roadmap_id: row.framework_data
-            for row in connection.execute(
-                text("SELECT roadmap_id, framework_data FROM roadmap_metadata")
-            )
-        }
-    completed = {
-        item
-        for item, versions in rows.items()
-        if any(latest and status == "completed" for _, latest, status in versions)
-    }
-    failed = {
-        item for item, (status, error) in latest_ledger.items() if status == "failed" and error
-    }
-    lost = items - completed - failed
-    duplicates = {item: versions for item, versions in rows.items() if len(versions) > 1}
+    end = EndState.read(db)
+    lost = items - end.completed - end.failed_with_reason
+    duplicates = {item: versions for item, versions in end.versions.items() if len(versions) > 1}
     not_one_latest = {
-        item for item, versions in rows.items() if sum(latest for _, latest, _ in versions) != 1
+        item for item, versions in end.versions.items() if sum(v[1] for v in versions) != 1
     }
-    dlq_left = queues.depth(queues.dlq_url)
-    disagreeing = []
-    for roadmap_id, framework in frameworks.items():
-        for concept in framework["stages"][0]["modules"][0]["concepts"]:
-            for content_type in ContentType:
-                item = (roadmap_id, concept["concept_id"], content_type.value)
-                status = concept.get(STORAGE[content_type].status_key)
-                expected = "completed" if item in completed else "failed"
-                if status != expected:
-                    disagreeing.append((item, status))
     calls_bound = {
         item: calls
         for item, calls in generator.calls.items()
@@ -305,12 +343,12 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
     figures = {
         "seed": SEED,
         "items": len(items),
-        "completed": len(completed),
-        "failed_with_reason": len(failed),
+        "completed": len(end.completed),
+        "failed_with_reason": len(end.failed_with_reason),
         "doomed": len(doomed),
         "lost": len(lost),
         "duplicate_versions": len(duplicates),
-        "dlq_left": dlq_left,
+        "dlq_left": queues.depth(queues.dlq_url),
         "invocations": run.invocations,
         "llm_calls": sum(generator.calls.values()),
         "max_llm_calls_per_item": max(generator.calls.values()),
@@ -319,11 +357,11 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
     print("reliability figures: " + json.dumps(figures))
 
     assert lost == set(), f"lost items: {sorted(lost)[:10]}"
-    assert doomed <= failed
+    assert doomed <= end.failed_with_reason
     assert duplicates == {}
     assert not_one_latest == set()
-    assert dlq_left == 0
-    assert succeeded_items == completed, "ledger and tables disagree"
-    assert disagreeing == [], disagreeing[:10]
+    assert figures["dlq_left"] == 0
+    assert end.succeeded == end.completed, "ledger and tables disagree"
+    assert end.framework_disagreements() == []
     assert calls_bound == {}, calls_bound
     assert all(faults.injected[kind] for kind in RATES if kind != "doomed_item"), faults.injected

@@ -165,6 +165,7 @@ def test_template_content_is_valid_readable_and_deterministic() -> None:
 
     assert isinstance(tutorial, TutorialContent)
     assert "# Prompt compression" in tutorial.content_markdown
+    assert CONCEPT.description is not None
     assert CONCEPT.description in tutorial.content_markdown
     assert isinstance(resources, ResourcesContent)
     assert all("Prompt+compression" in str(r.url) for r in resources.resources)

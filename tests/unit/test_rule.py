@@ -1,57 +1,36 @@
-"""The retry rule alone, without a database: every state it can see."""
+"""The retry rule alone, without a database: every row of the rule's table."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 
 from content_retry.plan import Decision, Reason, judge_item
+from tests.rule_table import RULE
 
-FRAMEWORK = (None, "pending", "processing", "completed", "failed", "something-else")
-LATEST = (None, "completed", "failed", "pending")
+LATEST_STATUS = {"none": None, "completed": "completed", "failed": "failed"}
 
 
-@pytest.mark.parametrize(
-    ("framework_status", "latest_status", "claimed"),
-    list(itertools.product(FRAMEWORK, LATEST, (False, True))),
-)
-def test_framework_status_alone_never_decides(
-    framework_status: str | None, latest_status: str | None, claimed: bool
+@pytest.mark.parametrize(("state", "expected"), RULE.items(), ids=str)
+def test_every_row_of_the_rule(
+    state: tuple[str | None, str, str], expected: tuple[str | None, str | None]
 ) -> None:
-    judgement = judge_item(framework_status, latest_status, claimed)
+    framework_status, latest, claim = state
+    reason, framework_after = expected
 
-    # Whether an item is retried depends only on the tables and the claim...
-    if latest_status == "completed":
+    judgement = judge_item(framework_status, LATEST_STATUS[latest], claimed=claim == "live")
+
+    assert (judgement.reason.value if judgement.reason else None) == reason
+    assert (judgement.decision is Decision.RETRY) == (reason is not None)
+    if latest == "completed":
         assert judgement.decision is Decision.COMPLETED
-    elif claimed:
-        assert judgement.decision is Decision.CLAIMED
-    else:
-        assert judgement.decision is Decision.RETRY
-    # ...the framework status only names the reason
-    if judgement.decision is Decision.RETRY:
-        if "failed" in (framework_status, latest_status):
-            assert judgement.reason is Reason.FAILED
-        elif framework_status == "processing":
-            assert judgement.reason is Reason.STALE
-        else:
-            assert judgement.reason is Reason.MISSING
-    else:
-        assert judgement.reason is None
+    repaired = framework_after != framework_status
+    assert judgement.repair_framework_status is repaired
 
 
-@pytest.mark.parametrize(
-    ("framework_status", "repaired"),
-    [
-        (None, True),
-        ("failed", True),
-        ("pending", False),
-        ("processing", False),
-        ("completed", False),
-    ],
-)
-def test_drift_is_repaired_only_from_null_or_failed(
-    framework_status: str | None, repaired: bool
-) -> None:
-    assert judge_item(framework_status, "completed", False).repair_framework_status is repaired
-    assert judge_item(framework_status, None, False).repair_framework_status is False
+@pytest.mark.parametrize("framework_status", ["something-else", "PROCESSING", ""])
+def test_a_status_the_rule_does_not_know_is_no_reason(framework_status: str) -> None:
+    # An unknown framework status neither hides an item nor names its reason.
+    judgement = judge_item(framework_status, None, claimed=False)
+
+    assert (judgement.decision, judgement.reason) == (Decision.RETRY, Reason.MISSING)
+    assert judge_item(framework_status, "completed", claimed=False).repair_framework_status is False

@@ -12,4 +12,8 @@ NAMESPACE = "ContentRetry"
 
 logger = Logger(service=SERVICE)
 metrics = Metrics(namespace=NAMESPACE, service=SERVICE)
-tracer = Tracer(service=SERVICE)
+# Only botocore is patched: its calls (SQS, Bedrock) become subsegments of their
+# own. The judge, the sweep, each save and each LLM call are traced by hand,
+# where they are named; patching every library X-Ray knows (its default)
+# imports each one at cold start and traces every SQL statement besides.
+tracer = Tracer(service=SERVICE, patch_modules=("botocore",))

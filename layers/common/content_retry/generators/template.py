@@ -7,6 +7,7 @@ the local demo and the tests need no model and no network.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from urllib.parse import quote_plus
 
 from content_retry.concepts import Concept
@@ -45,11 +46,12 @@ class TemplateGenerator:
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
     ) -> ContentModel:
-        if content_type is ContentType.TUTORIAL:
-            return self._tutorial(concept, preferences)
-        if content_type is ContentType.RESOURCES:
-            return self._resources(concept)
-        return self._quiz(concept)
+        writers: dict[ContentType, Callable[[Concept, Preferences], ContentModel]] = {
+            ContentType.TUTORIAL: self._tutorial,
+            ContentType.RESOURCES: self._resources,
+            ContentType.QUIZ: self._quiz,
+        }
+        return writers[content_type](concept, preferences)
 
     def _tutorial(self, concept: Concept, preferences: Preferences) -> TutorialContent:
         description = concept.description or f"{concept.name} is a core idea of {_where(concept)}."
@@ -88,7 +90,7 @@ class TemplateGenerator:
             content_markdown=markdown,
         )
 
-    def _resources(self, concept: Concept) -> ResourcesContent:
+    def _resources(self, concept: Concept, preferences: Preferences) -> ResourcesContent:
         query = quote_plus(concept.name)
         return ResourcesContent(
             resources=[
@@ -113,7 +115,7 @@ class TemplateGenerator:
             ]
         )
 
-    def _quiz(self, concept: Concept) -> QuizContent:
+    def _quiz(self, concept: Concept, preferences: Preferences) -> QuizContent:
         # Where the right answer sits depends on the concept, deterministically.
         seed = int(hashlib.sha256(concept.concept_id.encode()).hexdigest(), 16)
         description = _short(concept.description or f"{concept.name} is part of {_where(concept)}.")

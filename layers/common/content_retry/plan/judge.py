@@ -9,7 +9,7 @@ here only gathers that state for a whole roadmap in one round trip.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
 
@@ -172,62 +172,75 @@ def build_retry_plan(
         {"roadmap_id": roadmap_id, "lease_minutes": claim_lease_minutes},
     )
 
-    concepts: dict[str, ConceptPlan] = {}
-    seen: set[tuple[str, str]] = set()
-    repairs: dict[str, dict[str, str]] = {}
-    claimed = 0
-    unplannable: list[str] = []
-    by_name = {content_type.value: content_type for content_type in ContentType}
+    judged = _Judged()
     # Rows unpacked by position: at 10,000 concepts, attribute access by name
     # was a third of the judge's time.
-    for (
-        content_type_name,
-        concept_id,
-        name,
-        description,
-        stage,
-        module,
-        framework_status,
-        latest_status,
-        is_claimed,
-    ) in rows:
-        if (concept_id, content_type_name) in seen:  # listed twice in framework_data
-            continue
-        seen.add((concept_id, content_type_name))
-        content_type = by_name[content_type_name]
-        judgement = judge_item(framework_status, latest_status, is_claimed)
-        if judgement.repair_framework_status:
-            repairs.setdefault(concept_id, {})[STORAGE[content_type].status_key] = (
-                FrameworkStatus.COMPLETED
-            )
-        if judgement.decision is Decision.CLAIMED:
-            claimed += 1
-        if judgement.decision is not Decision.RETRY or judgement.reason is None:
-            continue
-        concept = concepts.get(concept_id)
-        if concept is None:
-            if len(concept_id) > MAX_ID_LENGTH:
-                unplannable.append(concept_id)
-                continue
-            concept = concepts[concept_id] = ConceptPlan(
-                concept=Concept.from_framework(concept_id, name, description, stage, module)
-            )
-        concept.items.append(PlannedItem(content_type, judgement.reason))
-
-    if repairs:
-        patch_concept_statuses(connection, roadmap_id, repairs)
-    if unplannable:
+    for row in rows:
+        judged.add(*row)
+    if judged.repairs:
+        patch_concept_statuses(connection, roadmap_id, judged.repairs)
+    if judged.unplannable:
         # No retry message can carry such an id; the platform's data needs fixing.
         logger.warning(
             "retry_concepts_unplannable",
-            extra={"roadmap_id": roadmap_id, "concept_ids": sorted(set(unplannable))[:10]},
+            extra={"roadmap_id": roadmap_id, "concept_ids": sorted(judged.unplannable)[:10]},
         )
 
     return RetryPlan(
         roadmap_id=roadmap_id,
         user_id=roadmap.user_id,
         content_types=types,
-        concepts=list(concepts.values()),
-        claimed_count=claimed,
-        repaired_count=sum(len(keys) for keys in repairs.values()),
+        concepts=list(judged.concepts.values()),
+        claimed_count=judged.claimed,
+        repaired_count=sum(len(keys) for keys in judged.repairs.values()),
     )
+
+
+_BY_NAME = {content_type.value: content_type for content_type in ContentType}
+
+
+@dataclass
+class _Judged:
+    """The judge's decisions over one roadmap's state rows, gathered into a plan."""
+
+    concepts: dict[str, ConceptPlan] = field(default_factory=dict)
+    # {concept_id: {status_key: status}}: framework statuses to repair.
+    repairs: dict[str, dict[str, str]] = field(default_factory=dict)
+    claimed: int = 0
+    # Concepts whose ids are too long for any retry message.
+    unplannable: set[str] = field(default_factory=set)
+    _seen: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(
+        self,
+        content_type_name: str,
+        concept_id: str,
+        name: str | None,
+        description: str | None,
+        stage: str | None,
+        module: str | None,
+        framework_status: str | None,
+        latest_status: str | None,
+        is_claimed: bool,
+    ) -> None:
+        """Judge one item's state row (the state query's columns, in order)."""
+        if (concept_id, content_type_name) in self._seen:  # listed twice in framework_data
+            return
+        self._seen.add((concept_id, content_type_name))
+        content_type = _BY_NAME[content_type_name]
+        judgement = judge_item(framework_status, latest_status, is_claimed)
+        if judgement.repair_framework_status:
+            status_key = STORAGE[content_type].status_key
+            self.repairs.setdefault(concept_id, {})[status_key] = FrameworkStatus.COMPLETED
+        if judgement.decision is Decision.CLAIMED:
+            self.claimed += 1
+        elif judgement.decision is Decision.RETRY and judgement.reason is not None:
+            if len(concept_id) > MAX_ID_LENGTH:
+                self.unplannable.add(concept_id)
+                return
+            concept = self.concepts.get(concept_id)
+            if concept is None:
+                concept = self.concepts[concept_id] = ConceptPlan(
+                    Concept.from_framework(concept_id, name, description, stage, module)
+                )
+            concept.items.append(PlannedItem(content_type, judgement.reason))
