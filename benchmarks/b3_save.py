@@ -163,7 +163,7 @@ class RawLoop:
                 ),
                 ContentType.TUTORIAL,
                 preferences,
-            )
+            ).content
             assert isinstance(content, TutorialContent)
             self.items.append(
                 (

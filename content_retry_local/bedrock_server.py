@@ -15,7 +15,7 @@ What it answers:
   generated from the JSON Schema itself (pydantic v2's ``model_json_schema()``
   included), with readable strings about the concept named in the prompt;
 - a request without tools: a text block holding a JSON object, shaped by a JSON
-  Schema (or a ``{"key": str, ...}`` shape sketch) found in the prompt, else
+  Schema found in the prompt, else
   ``{"answer": "..."}``;
 - with ``throttle_rate``, that share of requests is refused with 429
   ``ThrottlingException``; with ``malformed_rate``, that share of answers
@@ -483,135 +483,6 @@ def generate_instance(schema: Mapping[str, Any], subject: str, seed: int = 0) ->
 # --------------------------------------------------------------------------- prompts
 
 
-class _NotAShape(ValueError):
-    """The text at hand is not a shape sketch."""
-
-
-class _ShapeSketch:
-    """Reads a shape sketch such as ``{"title": str, "tags": [4 strings], "n": 0-3}``.
-
-    Prompts for models without tool use often describe the JSON wanted this
-    way rather than with a JSON Schema; turning it into one lets the text path
-    answer with content the caller can validate.
-    """
-
-    def __init__(self, text: str, position: int) -> None:
-        self._text = text
-        self.position = position
-
-    def parse(self) -> dict[str, Any]:
-        schema = self._value()
-        if schema.get("type") != "object" or not schema.get("properties"):
-            raise _NotAShape("a sketch is an object with properties")
-        return schema
-
-    def _peek(self) -> str:
-        self._blanks()
-        return self._text[self.position : self.position + 1]
-
-    def _blanks(self) -> None:
-        while self.position < len(self._text) and self._text[self.position].isspace():
-            self.position += 1
-
-    def _expect(self, char: str) -> None:
-        if self._peek() != char:
-            raise _NotAShape(f"expected {char!r} at {self.position}")
-        self.position += 1
-
-    def _value(self) -> dict[str, Any]:
-        char = self._peek()
-        if char == "{":
-            return self._object()
-        if char == "[":
-            return self._array()
-        return _describe(self._scalar())
-
-    def _object(self) -> dict[str, Any]:
-        self._expect("{")
-        properties: dict[str, Any] = {}
-        while self._peek() != "}":
-            self._expect('"')
-            end = self._text.find('"', self.position)
-            if end < 0:
-                raise _NotAShape("unterminated key")
-            key = self._text[self.position : end]
-            self.position = end + 1
-            self._expect(":")
-            properties[key] = self._value()
-            if self._peek() == ",":
-                self.position += 1
-            elif self._peek() != "}":
-                raise _NotAShape(f"expected ',' or '}}' at {self.position}")
-        self.position += 1
-        return {
-            "type": "object",
-            "properties": properties,
-            "required": list(properties),
-            "additionalProperties": False,
-        }
-
-    def _array(self) -> dict[str, Any]:
-        self._expect("[")
-        if self._peek() in {"{", "["}:
-            items = self._value()
-            self._expect("]")
-            return {"type": "array", "items": items, "minItems": 1}
-        end = self._text.find("]", self.position)
-        if end < 0:
-            raise _NotAShape("unterminated list")
-        inside = self._text[self.position : end].strip()
-        self.position = end + 1
-        counted = re.fullmatch(r"(\d+)\s+(.+)", inside)
-        if counted:
-            count = int(counted.group(1))
-            return {
-                "type": "array",
-                "items": _describe(counted.group(2)),
-                "minItems": count,
-                "maxItems": count,
-            }
-        return {"type": "array", "items": _describe(inside), "minItems": 1}
-
-    def _scalar(self) -> str:
-        start, depth = self.position, 0
-        while self.position < len(self._text):
-            char = self._text[self.position]
-            if char == "(":
-                depth += 1
-            elif char == ")":
-                depth -= 1
-            elif depth <= 0 and char in ",}]\n":
-                break
-            self.position += 1
-        return self._text[start : self.position].strip()
-
-
-def _describe(text: str) -> dict[str, Any]:
-    """A sketch's scalar (``str (https URL)``, ``int``, ``0-3``, ``str (a|b|c)``) as a schema."""
-    lowered = text.lower()
-    if not lowered or lowered[0] in "\"'":
-        raise _NotAShape("a quoted value is data, not a type")  # e.g. {"concept": "Caching"}
-    span = re.match(r"(-?\d+)\s*(?:-|to|\.\.)\s*(-?\d+)", lowered)
-    if span:
-        return {"type": "integer", "minimum": int(span[1]), "maximum": int(span[2])}
-    head = set(re.findall(r"[a-z]+", lowered.split("(")[0]))
-    if head & {"int", "integer", "integers"}:
-        return {"type": "integer"}
-    if head & {"float", "number", "numbers", "double"}:
-        return {"type": "number"}
-    if head & {"bool", "boolean", "booleans"}:
-        return {"type": "boolean"}
-    if not head & {"str", "string", "strings", "text", "url", "uri"}:
-        raise _NotAShape(f"unknown type {text!r}")
-    schema: dict[str, Any] = {"type": "string", "minLength": 1}
-    choices = re.search(r"\(([^()]*\|[^()]*)\)", text)
-    if choices:
-        schema["enum"] = [choice.strip() for choice in choices[1].split("|") if choice.strip()]
-    elif re.search(r"\b(url|uri|link)\b", lowered):
-        schema["format"] = "uri"
-    return schema
-
-
 def _looks_like_schema(value: Any) -> bool:
     if not isinstance(value, Mapping):
         return False
@@ -640,34 +511,10 @@ def _json_objects(text: str) -> list[tuple[int, int, Any]]:
 
 
 def schema_in_prompt(prompt: str) -> dict[str, Any] | None:
-    """The JSON Schema a prompt asks for: an embedded JSON Schema, else a shape sketch.
-
-    A sketch may be followed by ``with 3 to 8 <property>`` to bound an array.
-    Returns None when the prompt describes no shape.
-    """
-    objects = _json_objects(prompt)
-    for _, _, value in objects:
+    """The JSON Schema a prompt embeds (the text answers' fallback), or None."""
+    for _, _, value in _json_objects(prompt):
         if _looks_like_schema(value):
             return dict(value)
-    taken = [(start, end) for start, end, _ in objects]
-    position = prompt.find("{")
-    while position >= 0:
-        if any(start <= position < end for start, end in taken):
-            position = prompt.find("{", position + 1)
-            continue
-        sketch = _ShapeSketch(prompt, position)
-        try:
-            schema = sketch.parse()
-        except _NotAShape:
-            position = prompt.find("{", position + 1)
-            continue
-        tail = prompt[sketch.position :].split("\n", 1)[0]
-        bound = re.search(r"with\s+(\d+)\s*(?:to|-)\s*(\d+)\s+(\w+)", tail)
-        if bound:
-            target = schema["properties"].get(bound[3])
-            if isinstance(target, dict) and target.get("type") == "array":
-                target["minItems"], target["maxItems"] = int(bound[1]), int(bound[2])
-        return schema
     return None
 
 

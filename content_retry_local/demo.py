@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from sqlalchemy import Engine, text
 
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
-from content_retry.generated import ContentModel
+from content_retry.generators import ContentGenerator, Generation
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, RetryMessage
 from content_retry_local.environment import LocalEnvironment
@@ -56,24 +57,29 @@ class DemoGenerator:
     """The template generator, counting its calls (the demo's "LLM calls"), and
     cutting the worker's database connection once, just before one save."""
 
-    name = "template"
-
-    def __init__(self, cut_connection: Callable[[], object], fail_on_call: int) -> None:
+    def __init__(
+        self,
+        cut_connection: Callable[[], object],
+        fail_on_call: int,
+        inner: ContentGenerator | None = None,
+    ) -> None:
         self.calls = 0
-        self._template = TemplateGenerator()
+        self._inner = inner or TemplateGenerator()
+        self.name = self._inner.name
         self._fail_on_call = fail_on_call
         self._cut_connection = cut_connection
-        self.dropped_for: str | None = None
+        self._lock = threading.Lock()
 
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
-        self.calls += 1
-        content = self._template.generate(concept, content_type, preferences)
-        if self.calls == self._fail_on_call:
+    ) -> Generation:
+        generation = self._inner.generate(concept, content_type, preferences)
+        with self._lock:  # the worker makes its calls from several threads
+            self.calls += 1
+            cut = self.calls == self._fail_on_call
+        if cut:
             self._cut_connection()
-            self.dropped_for = concept.concept_id
-        return content
+        return generation
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,7 @@ from content_retry.aws import bedrock_runtime_client, client
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.database import get_engine
-from content_retry.generated import ContentModel
-from content_retry.generators import get_generator
+from content_retry.generators import NO_USAGE, Generation, Usage, get_generator
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences
 from content_retry.retries import DetectDependencies
@@ -88,30 +89,48 @@ def no_sleep(seconds: float) -> None:
 class CountingGenerator:
     """The template generator, counting its calls; chosen items fail or run a hook.
 
-    Attributes:
-        calls: (concept id, content type) of every call, in order.
+    Safe to call from the worker's threads. Attributes:
+        calls: (concept id, content type) of every call, in the order they began.
         failures: the exception an item raises instead of answering.
         before_call: run before every call (say, to cut a connection).
+        hold: seconds each call takes (a model answering), so calls overlap.
+        max_in_flight: the most calls that were running at once.
+        usage: what each call reports it cost.
     """
 
     name = "counting"
 
-    def __init__(self) -> None:
+    def __init__(self, *, hold: float = 0.0, usage: Usage = NO_USAGE) -> None:
         self.calls: list[tuple[str, str]] = []
         self.failures: dict[tuple[str, str], Exception] = {}
         self.before_call: Callable[[str, str], object] | None = None
+        self.hold = hold
+        self.usage = usage
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
         self._template = TemplateGenerator()
 
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
+    ) -> Generation:
         key = (concept.concept_id, content_type.value)
-        self.calls.append(key)
-        if self.before_call:
-            self.before_call(*key)
-        if key in self.failures:
-            raise self.failures[key]
-        return self._template.generate(concept, content_type, preferences)
+        with self._lock:
+            self.calls.append(key)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if self.before_call:
+                self.before_call(*key)
+            if self.hold:
+                time.sleep(self.hold)
+            if key in self.failures:
+                raise self.failures[key]
+            content = self._template.generate(concept, content_type, preferences).content
+            return Generation(content, self.usage)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
 
 @dataclass

@@ -419,20 +419,41 @@ def test_too_little_time_left_fails_the_rest_without_calling_the_llm(
     detect: DetectDependencies,
     worker: WorkerDependencies,
 ) -> None:
+    # GIVEN three messages, and calls made one at a time (GENERATE_PARALLELISM=1)
     bodies = plan_messages(connection, queues, detect, lambda_context)[:3]
+    worker.settings = worker.settings.model_copy(update={"generate_parallelism": 1})
 
     def time_passes(*_: str) -> None:
         lambda_context.remaining_ms = 10_000  # after the first call, 10 s are left
 
     generator.before_call = time_passes
 
+    # WHEN the first call leaves less than an LLM call's budget
     response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
 
+    # THEN the first is saved; the others go back to SQS without a call
     assert response == {
         "batchItemFailures": [{"itemIdentifier": "message-1"}, {"itemIdentifier": "message-2"}]
     }
     assert len(generator.calls) == 1
     assert len(latest_tutorials(db)) == 11
+
+
+def test_no_call_starts_without_the_budget_however_many_could_run_at_once(
+    connection: Connection,
+    queues: Queues,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
+) -> None:
+    bodies = plan_messages(connection, queues, detect, lambda_context)[:5]
+    lambda_context.remaining_ms = (worker.settings.llm_call_budget_seconds - 1) * 1000
+
+    response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
+
+    assert len(response["batchItemFailures"]) == 5
+    assert generator.calls == []
 
 
 def test_the_database_down_at_the_start_fails_every_record_without_llm_calls(
@@ -485,8 +506,10 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
         if json.loads(m["Body"])["concept"]["concept_id"] == "c11"
     )
     planned = RetryMessage.model_validate_json(first)
-    content = TemplateGenerator().generate(
-        planned.concept, ContentType.TUTORIAL, planned.preferences
+    content = (
+        TemplateGenerator()
+        .generate(planned.concept, ContentType.TUTORIAL, planned.preferences)
+        .content
     )
 
     # WHEN the first task's save is in flight (not yet committed) while the

@@ -12,26 +12,30 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from sqlalchemy import Connection, Engine, text
 
 from content_retry.aws import BEDROCK_MAX_ATTEMPTS
 from content_retry.concepts import Concept
 from content_retry.content_types import STORAGE, ContentType
-from content_retry.generated import ContentModel
 from content_retry.generators import (
-    MalformedOutputError,
+    ContentGenerator,
+    Generation,
     PermanentGenerationError,
     TransientGenerationError,
 )
-from content_retry.generators.template import TemplateGenerator
+from content_retry.generators.bedrock import BedrockGenerator
 from content_retry.messages import Preferences, RetryMessage
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry.sweep import sweep
 from content_retry.worker import WorkerDependencies, handle_retry_batch
+from content_retry_local.bedrock_server import LocalBedrock
 from content_retry_local.lambda_runtime import redrive, sqs_record
 from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_framework
 from content_retry_local.sessions import EngineSessions
@@ -43,9 +47,9 @@ SEED = int(os.environ.get("RELIABILITY_SEED", "20261127"))
 ROADMAPS = 10
 CONCEPTS = 20
 RATES = {
-    "llm_throttled": 0.12,
+    "llm_throttled": 0.06,  # by the local Bedrock: 429 ThrottlingException (botocore retries)
+    "llm_malformed": 0.05,  # by the local Bedrock: a tool call that breaks the schema
     "llm_timeout": 0.05,
-    "llm_malformed": 0.05,
     "doomed_item": 0.03,  # share of items whose LLM call always fails for good
     "db_killed_before_save": 0.04,
     "duplicate_delivery": 0.15,
@@ -54,53 +58,77 @@ RATES = {
 }
 MAX_RECEIVE_COUNT = int(resource("RetryQueue")["Properties"]["RedrivePolicy"]["maxReceiveCount"])
 MAX_ROUNDS = 8
+MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
 
 Item = tuple[str, str, str]  # roadmap, concept, content type
 
 
 @dataclass
 class Faults:
+    """Draws which faults happen, reproducibly for a seed.
+
+    Draws made on the main thread (deliveries, sends) come from one sequence;
+    the generator's, made on the worker's threads in whatever order they run,
+    are drawn from what they are about (the item and its call number), so a
+    run replays the same faults whatever the threads' timing.
+    """
+
     rng: random.Random
     injected: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def roll(self, kind: str) -> bool:
-        hit = self.rng.random() < RATES[kind]
+    def roll(self, kind: str, about: object = None) -> bool:
+        if about is None:
+            draw = self.rng.random()
+        else:
+            draw = random.Random(f"{SEED}:{kind}:{about}").random()
+        hit = draw < RATES[kind]
         if hit:
-            self.injected[kind] += 1
+            with self._lock:
+                self.injected[kind] += 1
         return hit
 
 
 class FaultyGenerator:
-    """The template generator, failing at the set rates; counts calls per item."""
+    """Bedrock through the production client, pointed at the local Bedrock (which
+    throttles and answers malformed at the set rates), with the faults a server
+    cannot stage around it: items doomed to fail, timeouts, the worker's
+    database connection cut just before the save. Counts calls per item."""
 
     name = "faulty"
 
-    def __init__(self, faults: Faults, doomed: set[Item], worker_sessions: EngineSessions) -> None:
+    def __init__(
+        self,
+        inner: ContentGenerator,
+        faults: Faults,
+        doomed: set[Item],
+        worker_sessions: EngineSessions,
+    ) -> None:
+        self.inner = inner
         self.faults = faults
         self.doomed = doomed
         self.calls: Counter[Item] = Counter()
-        self._template = TemplateGenerator()
+        self._lock = threading.Lock()
         self._worker_sessions = worker_sessions
 
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
+    ) -> Generation:
         # concept ids are "r<roadmap>-c<n>": unique across roadmaps
         item = (concept.concept_id.split("-")[0], concept.concept_id, content_type.value)
-        self.calls[item] += 1
+        with self._lock:
+            self.calls[item] += 1
+            call = (item, self.calls[item])
         if item in self.doomed:
-            self.faults.injected["llm_permanent"] += 1
+            with self._lock:
+                self.faults.injected["llm_permanent"] += 1
             raise PermanentGenerationError("ValidationException: the model refuses this concept")
-        if self.faults.roll("llm_throttled"):
-            raise TransientGenerationError("ThrottlingException")
-        if self.faults.roll("llm_timeout"):
-            raise TransientGenerationError("ReadTimeoutError")
-        if self.faults.roll("llm_malformed"):
-            raise MalformedOutputError("answer is not JSON")
-        content = self._template.generate(concept, content_type, preferences)
-        if self.faults.roll("db_killed_before_save"):
+        if self.faults.roll("llm_timeout", call):
+            raise TransientGenerationError("bedrock unreachable: Read timeout on endpoint URL")
+        generation = self.inner.generate(concept, content_type, preferences)
+        if self.faults.roll("db_killed_before_save", call):
             self._worker_sessions.terminate()
-        return content
+        return generation
 
 
 @dataclass
@@ -307,8 +335,17 @@ class EndState:
         return disagreeing
 
 
+@pytest.fixture
+def local_bedrock() -> Iterator[LocalBedrock]:
+    """The local Bedrock, throttling and answering malformed at the set rates."""
+    with LocalBedrock(
+        throttle_rate=RATES["llm_throttled"], malformed_rate=RATES["llm_malformed"], seed=SEED
+    ) as bedrock:
+        yield bedrock
+
+
 def test_under_injected_faults_nothing_is_lost_or_saved_twice(
-    connection: Connection, db: Engine, queues: Queues
+    connection: Connection, db: Engine, queues: Queues, local_bedrock: LocalBedrock
 ) -> None:
     rng = random.Random(SEED)
     faults = Faults(rng)
@@ -318,7 +355,12 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
     items = seed_roadmaps(connection)
     doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
     detect = detect_deps(db, queues.sqs)
-    generator = FaultyGenerator(faults, doomed, EngineSessions(detect.engine))
+    # Bedrock's real client path over HTTP: serialization, botocore's retries (standard
+    # mode: the deployed client's adaptive limiter would pace this compressed run to
+    # a crawl), tool use, usage.
+    client = local_bedrock.client(retry_mode="standard", max_attempts=BEDROCK_MAX_ATTEMPTS)
+    bedrock_generator = BedrockGenerator(client, MODEL)
+    generator = FaultyGenerator(bedrock_generator, faults, doomed, EngineSessions(detect.engine))
     run = Run(queues, worker_deps(db, queues.sqs, generator), generator, faults)
     detect.sqs = FlakySqs(queues.sqs, lambda body: faults.roll("sqs_send_failed"))
 
@@ -338,8 +380,10 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
         item: calls
         for item, calls in generator.calls.items()
         if calls > MAX_RECEIVE_COUNT * run.enqueues[item]
-        or calls > BEDROCK_MAX_ATTEMPTS * MAX_RECEIVE_COUNT
     }
+    bedrock = local_bedrock.stats()
+    faults.injected["llm_throttled"] = bedrock.throttled
+    faults.injected["llm_malformed"] = bedrock.malformed
     figures = {
         "seed": SEED,
         "items": len(items),
@@ -352,6 +396,8 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
         "invocations": run.invocations,
         "llm_calls": sum(generator.calls.values()),
         "max_llm_calls_per_item": max(generator.calls.values()),
+        "bedrock_requests": bedrock.requests,
+        "tokens": bedrock.total_tokens,
         "faults_injected": dict(sorted(faults.injected.items())),
     }
     print("reliability figures: " + json.dumps(figures))
@@ -364,4 +410,6 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
     assert end.succeeded == end.completed, "ledger and tables disagree"
     assert end.framework_disagreements() == []
     assert calls_bound == {}, calls_bound
+    # each call is at most BEDROCK_MAX_ATTEMPTS requests to Bedrock, retries included
+    assert bedrock.requests <= BEDROCK_MAX_ATTEMPTS * bedrock.answered + bedrock.throttled
     assert all(faults.injected[kind] for kind in RATES if kind != "doomed_item"), faults.injected

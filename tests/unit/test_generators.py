@@ -11,17 +11,25 @@ import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
 
+from content_retry.aws import BEDROCK_MAX_ATTEMPTS, bedrock_runtime_client
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import QuizContent, ResourcesContent, TutorialContent
 from content_retry.generators import (
+    NO_USAGE,
     MalformedOutputError,
     PermanentGenerationError,
     TransientGenerationError,
 )
-from content_retry.generators.bedrock import SYSTEM_PROMPT, BedrockGenerator, build_prompt
+from content_retry.generators.bedrock import (
+    SYSTEM_PROMPT,
+    BedrockGenerator,
+    build_prompt,
+    converse_request,
+)
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences
+from tests.support import reset_process_caches
 
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
 CONCEPT = Concept(
@@ -41,32 +49,50 @@ def bedrock() -> Iterator[tuple[BedrockGenerator, Stubber]]:
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
-        config=Config(retries={"mode": "standard", "max_attempts": 1}),
+        config=Config(retries={"mode": "standard", "total_max_attempts": 1}),
     )
     with Stubber(client) as stubber:
         yield BedrockGenerator(client, MODEL), stubber
         stubber.assert_no_pending_responses()
 
 
+USAGE = {"inputTokens": 120, "outputTokens": 340, "totalTokens": 460}
+
+
 def converse_answer(text: str, stop_reason: str = "end_turn") -> dict[str, Any]:
     return {
         "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
         "stopReason": stop_reason,
-        "usage": {"inputTokens": 120, "outputTokens": 340, "totalTokens": 460},
+        "usage": USAGE,
         "metrics": {"latencyMs": 900},
     }
 
 
-TUTORIAL_JSON = json.dumps(
-    {
-        "title": "Prompt compression",
-        "summary": "Say less, keep the meaning.",
-        "content_markdown": "# Prompt compression\n\nMeasure tokens first.",
+def tool_answer(
+    arguments: Any, name: str = "write_tutorial", stop_reason: str = "tool_use"
+) -> dict[str, Any]:
+    return {
+        "output": {
+            "message": {
+                "role": "assistant",
+                "content": [{"toolUse": {"toolUseId": "t1", "name": name, "input": arguments}}],
+            }
+        },
+        "stopReason": stop_reason,
+        "usage": USAGE,
+        "metrics": {"latencyMs": 900},
     }
-)
 
 
-def test_converse_request_carries_the_concept_and_the_json_shape(
+TUTORIAL = {
+    "title": "Prompt compression",
+    "summary": "Say less, keep the meaning.",
+    "content_markdown": "# Prompt compression\n\nMeasure tokens first.",
+}
+TUTORIAL_JSON = json.dumps(TUTORIAL)
+
+
+def test_the_request_offers_one_tool_with_the_contents_schema_and_makes_the_model_call_it(
     bedrock: tuple[BedrockGenerator, Stubber],
 ) -> None:
     generator, stubber = bedrock
@@ -80,16 +106,78 @@ def test_converse_request_carries_the_concept_and_the_json_shape(
             }
         ],
         "inferenceConfig": {"maxTokens": 4096, "temperature": 0.3},
+        "toolConfig": {
+            "tools": [
+                {
+                    "toolSpec": {
+                        "name": "write_tutorial",
+                        "description": "Save the tutorial written for the concept.",
+                        "inputSchema": {"json": TutorialContent.model_json_schema()},
+                    }
+                }
+            ],
+            "toolChoice": {"tool": {"name": "write_tutorial"}},
+        },
     }
-    stubber.add_response("converse", converse_answer(f"```json\n{TUTORIAL_JSON}\n```"), expected)
+    stubber.add_response("converse", tool_answer(TUTORIAL), expected)
 
-    content = generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+    generation = generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
 
-    assert content == TutorialContent.model_validate_json(TUTORIAL_JSON)
+    assert generation.content == TutorialContent.model_validate(TUTORIAL)
+    assert (generation.usage.input_tokens, generation.usage.output_tokens) == (120, 340)
     prompt = build_prompt(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
-    assert (
-        "Prompt efficiency" in prompt and "intermediate" in prompt and "content_markdown" in prompt
+    assert "Prompt efficiency" in prompt and "intermediate" in prompt
+
+
+def test_the_text_fallback_asks_for_json_of_the_schema_and_reads_it() -> None:
+    client = boto3.client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
+    generator = BedrockGenerator(client, MODEL, output="text")
+    with Stubber(client) as stubber:
+        stubber.add_response("converse", converse_answer(f"```json\n{TUTORIAL_JSON}\n```"))
+        generation = generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+        request = converse_request(
+            MODEL, CONCEPT, ContentType.TUTORIAL, PREFERENCES, output="text", max_tokens=4096
+        )
+
+    assert generation.content == TutorialContent.model_validate(TUTORIAL)
+    assert "toolConfig" not in request
+    prompt = request["messages"][0]["content"][0]["text"]
+    assert json.dumps(TutorialContent.model_json_schema(), separators=(",", ":")) in prompt
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"title": "Prompt compression"},  # required fields missing
+        {**TUTORIAL, "extra": "field"},  # not in the schema
+        "not an object",
+    ],
+)
+def test_a_tool_call_that_breaks_the_schema_is_malformed_and_still_paid_for(
+    bedrock: tuple[BedrockGenerator, Stubber], answer: Any
+) -> None:
+    generator, stubber = bedrock
+    stubber.add_response("converse", tool_answer(answer))
+
+    with pytest.raises(MalformedOutputError) as raised:
+        generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+
+    assert (raised.value.usage.input_tokens, raised.value.usage.output_tokens) == (120, 340)
+
+
+def test_an_answer_without_the_tool_call_is_malformed(
+    bedrock: tuple[BedrockGenerator, Stubber],
+) -> None:
+    generator, stubber = bedrock
+    stubber.add_response("converse", converse_answer("I would rather talk.", "end_turn"))
+
+    with pytest.raises(MalformedOutputError):
+        generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
 
 
 @pytest.mark.parametrize(
@@ -146,22 +234,26 @@ def test_filtered_content_is_permanent(
         ),
     ],
 )
-def test_malformed_output_is_told_apart(
-    bedrock: tuple[BedrockGenerator, Stubber], answer: str, stop_reason: str
-) -> None:
-    generator, stubber = bedrock
-    stubber.add_response("converse", converse_answer(answer, stop_reason))
-
-    with pytest.raises(MalformedOutputError):
-        generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
+def test_malformed_text_output_is_told_apart(answer: str, stop_reason: str) -> None:
+    client = boto3.client(
+        "bedrock-runtime",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    generator = BedrockGenerator(client, MODEL, output="text")
+    with Stubber(client) as stubber:
+        stubber.add_response("converse", converse_answer(answer, stop_reason))
+        with pytest.raises(MalformedOutputError):
+            generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
 
 
 def test_template_content_is_valid_readable_and_deterministic() -> None:
     generator = TemplateGenerator()
 
-    tutorial = generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
-    resources = generator.generate(CONCEPT, ContentType.RESOURCES, PREFERENCES)
-    quiz = generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
+    tutorial = generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES).content
+    resources = generator.generate(CONCEPT, ContentType.RESOURCES, PREFERENCES).content
+    quiz = generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES).content
 
     assert isinstance(tutorial, TutorialContent)
     assert "# Prompt compression" in tutorial.content_markdown
@@ -174,4 +266,25 @@ def test_template_content_is_valid_readable_and_deterministic() -> None:
         assert len(question.options) == 4
         assert len(set(question.options)) == 4
     assert quiz.questions[0].options[quiz.questions[0].answer_index] == CONCEPT.description
-    assert generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES) == quiz
+    assert generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES).content == quiz
+    assert generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES).usage == NO_USAGE
+
+
+def test_the_deployed_bedrock_client_retries_adaptively_in_two_attempts_pooled_for_the_parallelism(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GIVEN the function configured for 24 calls at once
+    monkeypatch.setenv("GENERATE_PARALLELISM", "24")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    reset_process_caches()
+    try:
+        # WHEN its Bedrock client is made
+        config = bedrock_runtime_client().meta.config
+    finally:
+        reset_process_caches()
+
+    # THEN throttling slows every call of the client, a call is two attempts in all
+    # (what LLM_CALL_BUDGET_SECONDS covers), and each concurrent call has a connection
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": BEDROCK_MAX_ATTEMPTS}
+    assert BEDROCK_MAX_ATTEMPTS == 2
+    assert config.max_pool_connections == 24

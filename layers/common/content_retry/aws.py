@@ -32,11 +32,12 @@ def client(service: str) -> Any:
     )
 
 
-# One Converse call, bounded: botocore's standard mode makes at most
-# BEDROCK_MAX_ATTEMPTS attempts (the first and one retry, exponential backoff
-# with jitter, at most 20 s between attempts), each waiting at most
-# BEDROCK_CONNECT_TIMEOUT + BEDROCK_READ_TIMEOUT. The worker starts no call with
-# less than LLM_CALL_BUDGET_SECONDS left, which must cover the worst case.
+# One Converse call, bounded: botocore makes at most BEDROCK_MAX_ATTEMPTS
+# attempts in all (``total_max_attempts``: botocore's ``max_attempts`` counts
+# retries only), with exponential backoff and jitter (at most 20 s between
+# attempts), each waiting at most BEDROCK_CONNECT_TIMEOUT + BEDROCK_READ_TIMEOUT.
+# The worker starts no call with less than LLM_CALL_BUDGET_SECONDS left, which
+# must cover the worst case.
 BEDROCK_MAX_ATTEMPTS = 2
 BEDROCK_CONNECT_TIMEOUT = 5
 BEDROCK_READ_TIMEOUT = 60
@@ -47,10 +48,13 @@ BEDROCK_WORST_CASE_SECONDS = BEDROCK_MAX_ATTEMPTS * (
 
 @lru_cache(maxsize=1)
 def bedrock_runtime_client() -> Any:
-    """The Bedrock Runtime client: standard retries, bounded attempts and timeouts.
+    """The Bedrock Runtime client of this process, shared by its concurrent LLM calls.
 
-    The read timeout bounds one model call, so the worker can tell whether the
-    invocation has time left for another one.
+    Adaptive retry mode: on throttling, botocore's client-side rate limiter
+    slows every call of this client (not only the one throttled), so
+    ``GENERATE_PARALLELISM`` calls at once back off together. Its connection
+    pool holds one connection per concurrent call. The read timeout bounds one
+    model call, so the worker can tell whether the invocation has time left.
     """
     import boto3
     from botocore.config import Config
@@ -59,10 +63,11 @@ def bedrock_runtime_client() -> Any:
     return boto3.session.Session().client(
         "bedrock-runtime",
         region_name=settings.aws_region,
-        endpoint_url=settings.aws_endpoint_url,
+        endpoint_url=settings.aws_endpoint_url_bedrock_runtime or settings.aws_endpoint_url,
         config=Config(
-            retries={"mode": "standard", "max_attempts": BEDROCK_MAX_ATTEMPTS},
+            retries={"mode": "adaptive", "total_max_attempts": BEDROCK_MAX_ATTEMPTS},
             connect_timeout=BEDROCK_CONNECT_TIMEOUT,
             read_timeout=BEDROCK_READ_TIMEOUT,
+            max_pool_connections=max(10, settings.generate_parallelism),
         ),
     )

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from content_retry import ledger
 from content_retry.content_types import STORAGE, ContentType, PayloadFormat
+from content_retry.costs import ItemCost
 from content_retry.database import BatchConnection
 from content_retry.generated import ContentModel
 from content_retry.ledger import ItemKey
@@ -142,8 +143,10 @@ def save_message(
     message: RetryMessage,
     to_save: Mapping[ContentType, ContentModel],
     failed_for_good: Mapping[ContentType, str],
+    costs: Mapping[ItemKey, ItemCost],
 ) -> dict[ContentType, int | None]:
-    """Save a message's generated items and record its permanent failures, in one transaction.
+    """Save a message's generated items, record its permanent failures and what its
+    LLM calls cost, in one transaction.
 
     Another task saving the same concept's new version at the same moment
     makes the unique latest-row index refuse one of the two: that save is
@@ -157,12 +160,12 @@ def save_message(
         One of ``DATABASE_ERRORS``: the save failed; nothing of it was written.
     """
     try:
-        return _save_transaction(database, message, to_save, failed_for_good)
+        return _save_transaction(database, message, to_save, failed_for_good, costs)
     except IntegrityError as exc:
         if "_one_latest_per_concept" not in str(exc):
             raise
         logger.info("retry_item_save_raced")
-    return _save_transaction(database, message, to_save, failed_for_good)
+    return _save_transaction(database, message, to_save, failed_for_good, costs)
 
 
 def _save_transaction(
@@ -170,6 +173,7 @@ def _save_transaction(
     message: RetryMessage,
     to_save: Mapping[ContentType, ContentModel],
     failed_for_good: Mapping[ContentType, str],
+    costs: Mapping[ItemKey, ItemCost],
 ) -> dict[ContentType, int | None]:
     task_id, concept_id = str(message.task_id), message.concept.concept_id
     with database.transaction() as connection:
@@ -201,4 +205,5 @@ def _save_transaction(
                     }
                 },
             )
+        ledger.add_costs(connection, costs)
     return versions

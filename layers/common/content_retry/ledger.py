@@ -7,13 +7,14 @@ work that calls it owns the transaction. Each is one SQL statement.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, text
 
 from content_retry.content_types import STORAGE, ContentType
+from content_retry.costs import ItemCost
 from content_retry.plan.models import RetryPlan
 from content_retry.statuses import ENDED_STATUSES, ContentStatus, ItemStatus, sql_list
 from content_retry.validation import clip_error
@@ -215,5 +216,34 @@ def record_outcomes(
             "task_ids": [key.task_id for key in keys],
             "concept_ids": [key.concept_id for key in keys],
             "content_types": [key.content_type.value for key in keys],
+        },
+    )
+
+
+def add_costs(connection: Connection, costs: Mapping[ItemKey, ItemCost]) -> None:
+    """Add what items' LLM calls cost (calls, tokens) to their ledger rows, in one statement."""
+    paid = {key: cost for key, cost in costs.items() if cost.llm_calls}
+    if not paid:
+        return
+    keys = list(paid)
+    connection.execute(
+        text(
+            "UPDATE retry_items AS i SET llm_calls = i.llm_calls + c.calls, "
+            "input_tokens = i.input_tokens + c.input_tokens, "
+            "output_tokens = i.output_tokens + c.output_tokens "
+            "FROM unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]), "
+            "CAST(:content_types AS text[]), CAST(:calls AS integer[]), "
+            "CAST(:input_tokens AS bigint[]), CAST(:output_tokens AS bigint[])) "
+            "AS c(task_id, concept_id, content_type, calls, input_tokens, output_tokens) "
+            "WHERE (i.task_id, i.concept_id, i.content_type) = (c.task_id, c.concept_id, "
+            "c.content_type)"
+        ),
+        {
+            "task_ids": [key.task_id for key in keys],
+            "concept_ids": [key.concept_id for key in keys],
+            "content_types": [key.content_type.value for key in keys],
+            "calls": [paid[key].llm_calls for key in keys],
+            "input_tokens": [paid[key].input_tokens for key in keys],
+            "output_tokens": [paid[key].output_tokens for key in keys],
         },
     )

@@ -18,6 +18,10 @@ from content_retry.validation import describe_errors
 
 DbAuth = Literal["iam", "secret"]
 GeneratorName = Literal["template", "bedrock"]
+# How the bedrock generator gets structured content: Converse tool use (the
+# answer is checked against the content's JSON schema), or JSON in the text
+# of the answer, for models without tool use.
+BedrockOutput = Literal["tool_use", "text"]
 
 
 class SettingsError(ValueError):
@@ -45,6 +49,12 @@ class Settings(BaseModel):
 
     content_generator: GeneratorName = Field(default="template", alias="CONTENT_GENERATOR")
     bedrock_model_id: str | None = Field(default=None, alias="BEDROCK_MODEL_ID")
+    bedrock_output: BedrockOutput = Field(default="tool_use", alias="BEDROCK_OUTPUT")
+    # LLM calls one generate invocation runs at once (1: one after another, in
+    # the batch's order); the Bedrock client's connection pool is sized to it.
+    generate_parallelism: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, alias="GENERATE_PARALLELISM"
+    )
 
     sweep_grace_minutes: Annotated[int, Field(ge=0)] = Field(
         default=30, alias="SWEEP_GRACE_MINUTES"
@@ -67,6 +77,10 @@ class Settings(BaseModel):
 
     aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
     aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
+    # botocore's own name for a service's endpoint: a local Bedrock beside moto.
+    aws_endpoint_url_bedrock_runtime: str | None = Field(
+        default=None, alias="AWS_ENDPOINT_URL_BEDROCK_RUNTIME"
+    )
 
     @model_validator(mode="after")
     def _database_is_described(self) -> Settings:

@@ -27,6 +27,18 @@ class TaskCounts(BaseModel):
     dead_lettered: int
 
 
+class TaskUsage(BaseModel):
+    """What the task's LLM calls cost, summed over its items and their attempts.
+
+    Content carried by a re-driven message was paid for once, when it was
+    generated: saving it adds nothing here.
+    """
+
+    llm_calls: int
+    input_tokens: int
+    output_tokens: int
+
+
 class TaskItem(BaseModel):
     concept_id: str
     content_type: ContentType
@@ -44,9 +56,12 @@ class TaskView(BaseModel):
     status: TaskStatus
     counts: TaskCounts
     items: list[TaskItem]
+    usage: TaskUsage
 
     @classmethod
-    def of(cls, task_id: str, roadmap_id: str, items: list[TaskItem]) -> TaskView:
+    def of(
+        cls, task_id: str, roadmap_id: str, items: list[TaskItem], usage: TaskUsage
+    ) -> TaskView:
         """The view of a task's items, its status and counts derived from them."""
         counts = Counter(
             ItemStatus.QUEUED.value if item.status in CLAIMING_STATUSES else item.status.value
@@ -58,6 +73,7 @@ class TaskView(BaseModel):
             status=_task_status({item.status for item in items}),
             counts=TaskCounts(**{name: counts[name] for name in TaskCounts.model_fields}),
             items=items,
+            usage=usage,
         )
 
 
@@ -75,7 +91,9 @@ def _task_status(statuses: set[ItemStatus]) -> TaskStatus:
 
 _READ_TASK = text(
     "SELECT t.task_id, t.roadmap_id, t.user_id, i.concept_id, i.content_type, i.reason, "
-    "i.status, i.attempts, i.last_error "
+    "i.status, i.attempts, i.last_error, "
+    "sum(i.llm_calls) OVER () AS llm_calls, sum(i.input_tokens) OVER () AS input_tokens, "
+    "sum(i.output_tokens) OVER () AS output_tokens "
     "FROM retry_tasks AS t LEFT JOIN retry_items AS i ON i.task_id = t.task_id "
     "WHERE t.task_id = CAST(:task_id AS uuid) "
     "ORDER BY i.concept_id, array_position(CAST(:type_order AS text[]), i.content_type)"
@@ -107,7 +125,12 @@ def read_task(connection: Connection, task_id: str) -> tuple[TaskView, str] | No
         if row.concept_id is not None
     ]
     first = rows[0]
-    return TaskView.of(str(first.task_id), first.roadmap_id, items), first.user_id
+    usage = TaskUsage(
+        llm_calls=first.llm_calls or 0,
+        input_tokens=first.input_tokens or 0,
+        output_tokens=first.output_tokens or 0,
+    )
+    return TaskView.of(str(first.task_id), first.roadmap_id, items, usage), first.user_id
 
 
 def task_for_owner(engine: Engine, task_id: str, owner: str) -> TaskView | None:

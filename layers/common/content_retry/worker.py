@@ -1,8 +1,10 @@
 """The generate function's work: one SQS batch of retry messages (DESIGN §6).
 
-The worker never re-decides what needs retry: it generates the items a message
-names (:mod:`content_retry.generation` sorts what went wrong) and saves them
-(:mod:`content_retry.content_store`). Per record:
+The worker never re-decides what needs retry: it generates the items the
+messages name, all of the batch's LLM calls at once
+(:mod:`content_retry.generation`, which also sorts what went wrong), and saves
+each message as soon as its items are done (:mod:`content_retry.content_store`),
+on the batch's one database connection. Per record:
 
 - not a valid message, or one the ledger never planned: dead-lettered
   unchanged with the reason, acknowledged;
@@ -16,6 +18,7 @@ names (:mod:`content_retry.generation` sorts what went wrong) and saves them
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +34,19 @@ from sqlalchemy import Engine
 from content_retry import ledger
 from content_retry.content_store import save_message
 from content_retry.content_types import ContentType
+from content_retry.costs import ItemCost
 from content_retry.database import DATABASE_ERRORS, BatchConnection
-from content_retry.deliveries import Deliveries, item_keys, prepare_deliveries
+from content_retry.deliveries import Deliveries, Delivery, item_keys, prepare_deliveries
 from content_retry.generated import ContentModel, GeneratedContent
-from content_retry.generation import ItemToGenerate, generate_items
+from content_retry.generation import (
+    BatchGeneration,
+    ItemToGenerate,
+    MessageGeneration,
+    MessageRequest,
+)
 from content_retry.generators import ContentGenerator, TransientGenerationError
-from content_retry.ledger import StartedItem
 from content_retry.messages import RetryMessage
-from content_retry.observability import logger, metrics
+from content_retry.observability import logger, metrics, record_llm_costs
 from content_retry.queue import dead_letter
 from content_retry.settings import Settings
 from content_retry.statuses import ItemStatus
@@ -74,89 +82,135 @@ class RetryBatch:
         self.context = context
         self.database = BatchConnection(deps.engine)
         self.deliveries = Deliveries({})
+        # Per record: the error that sends it back to SQS, or None (acknowledged).
+        self.outcomes: dict[str, Exception | None] = {}
+        self.costs: dict[ContentType, ItemCost] = defaultdict(ItemCost)
 
     def run(self, event: dict[str, Any]) -> dict[str, Any]:
+        records = event.get("Records") or []
+        with self.database:
+            self.deliveries = prepare_deliveries(self.database, records)
+            requests = [self._route(record) for record in records]
+            self._generate_and_save([request for request in requests if request is not None])
+        record_llm_costs(self.costs)
         processor = BatchProcessor(
             event_type=EventType.SQS,
             # Every record failing is an ordinary answer here, not an exception.
             raise_on_entire_batch_failure=False,
         )
-        with self.database:
-            self.deliveries = prepare_deliveries(self.database, event.get("Records") or [])
-            response = process_partial_response(
-                event=event,
-                record_handler=self._process_record,
-                processor=processor,
-                context=self.context,
-            )
+        response = process_partial_response(
+            event=event, record_handler=self._report, processor=processor, context=self.context
+        )
         return dict(response)
 
-    def _process_record(self, record: SQSRecord) -> None:
-        delivery = self.deliveries.by_message_id[record.message_id]
-        with logger.append_context_keys(message_id=record.message_id):
-            if delivery.invalid_reason is not None:
-                self._dead_letter(record.body, "invalid_message", delivery.invalid_reason, items=1)
-                return
+    def _report(self, record: SQSRecord) -> None:
+        """The record's outcome, as the batch processor takes it: raise to fail it."""
+        error = self.outcomes.get(record.message_id)
+        if error is not None:
+            raise error
+
+    def _route(self, record: dict[str, Any]) -> MessageRequest | None:
+        """Settle a record that needs no generation; otherwise, what to generate for it."""
+        message_id = record.get("messageId", "")
+        delivery = self.deliveries.by_message_id[message_id]
+        self.outcomes[message_id] = None
+        with logger.append_context_keys(message_id=message_id):
+            try:
+                return self._request(message_id, record.get("body") or "", delivery)
+            except Exception as exc:  # the record goes back to SQS; the others go on
+                logger.warning("retry_record_returned", extra={"error": repr(exc)})
+                self.outcomes[message_id] = exc
+                return None
+
+    def _request(self, message_id: str, body: str, delivery: Delivery) -> MessageRequest | None:
+        if delivery.invalid_reason is not None:
+            self._dead_letter(body, "invalid_message", delivery.invalid_reason, items=1)
+            return None
+        message = delivery.message
+        assert message is not None
+        if delivery.duplicate:
+            logger.info("retry_item_skipped", extra={"reason": "duplicate_in_batch"})
+            return None
+        if self.deliveries.start_failed is not None:
+            raise TransientGenerationError(self.deliveries.start_failed)
+        if delivery.not_planned:
+            # The message did not come from this pipeline's judge (or its task was deleted).
+            unknown = delivery.not_planned
+            detail = f"no ledger entry for {', '.join(unknown)}"
+            self._dead_letter(message.to_body(), "not_planned", detail, items=len(unknown))
+            return None
+        to_generate = []
+        for item in message.items:
+            state = delivery.started[item.content_type]
+            if state.already_done:
+                logger.info("retry_item_skipped", extra={"content_type": item.content_type.value})
+            elif message.generated is None or message.generated.get(item.content_type) is None:
+                to_generate.append(ItemToGenerate(item.content_type, state.attempts))
+        if not to_generate and not self._provided(delivery):
+            return None
+        return MessageRequest(message_id, message.concept, message.preferences, to_generate)
+
+    def _provided(self, delivery: Delivery) -> dict[ContentType, ContentModel]:
+        """The content a (re-driven) message carries for its items still open."""
+        message = delivery.message
+        if message is None or message.generated is None:
+            return {}
+        return {
+            content_type: content
+            for content_type, started in delivery.started.items()
+            if not started.already_done
+            and (content := message.generated.get(content_type)) is not None
+        }
+
+    def _generate_and_save(self, requests: list[MessageRequest]) -> None:
+        generation = BatchGeneration(
+            self.deps.generator,
+            parallelism=self.deps.settings.generate_parallelism,
+            seconds_left=self._seconds_left,
+            call_budget_seconds=self.deps.settings.llm_call_budget_seconds,
+        )
+        for message_id, result in generation.run(requests):
+            delivery = self.deliveries.by_message_id[message_id]
             message = delivery.message
             assert message is not None
-            if delivery.duplicate:
-                logger.info("retry_item_skipped", extra={"reason": "duplicate_in_batch"})
-                return
-            if self.deliveries.start_failed is not None:
-                raise TransientGenerationError(self.deliveries.start_failed)
-            if delivery.not_planned:
-                # The message did not come from this pipeline's judge (or its task was deleted).
-                unknown = delivery.not_planned
-                detail = f"no ledger entry for {', '.join(unknown)}"
-                self._dead_letter(message.to_body(), "not_planned", detail, items=len(unknown))
-                return
+            for content_type, cost in result.costs.items():
+                self.costs[content_type] += cost
             with logger.append_context_keys(
+                message_id=message_id,
                 task_id=str(message.task_id),
                 roadmap_id=message.roadmap_id,
                 concept_id=message.concept.concept_id,
             ):
-                self._process_message(message, delivery.started)
+                try:
+                    self._finish(message, delivery, result)
+                except Exception as exc:  # the record goes back to SQS; the others go on
+                    logger.warning("retry_record_returned", extra={"error": repr(exc)})
+                    self.outcomes[message_id] = exc
 
-    def _process_message(
-        self, message: RetryMessage, started: dict[ContentType, StartedItem]
-    ) -> None:
-        provided: dict[ContentType, ContentModel] = {}
-        to_generate: list[ItemToGenerate] = []
-        for item in message.items:
-            state = started[item.content_type]
-            if state.already_done:
-                logger.info("retry_item_skipped", extra={"content_type": item.content_type.value})
-                continue
-            content = message.generated.get(item.content_type) if message.generated else None
-            if content is not None:
-                provided[item.content_type] = content
-            else:
-                to_generate.append(ItemToGenerate(item.content_type, state.attempts))
-        if not provided and not to_generate:
-            return
+    def _finish(self, message: RetryMessage, delivery: Delivery, result: MessageGeneration) -> None:
+        """Save what one message's generation came to; raise to send the record back."""
+        provided = self._provided(delivery)
         logger.info(
             "retry_item_started",
             extra={
                 "items_provided": True,
-                "content_types": [i.content_type.value for i in to_generate] + list(provided),
+                "content_types": sorted({*result.costs, *provided}),
                 "generated_provided": sorted(provided),
             },
         )
-        result = generate_items(
-            self.deps.generator,
-            message.concept,
-            message.preferences,
-            to_generate,
-            seconds_left=self._seconds_left,
-            call_budget_seconds=self.deps.settings.llm_call_budget_seconds,
-        )
         to_save = {**provided, **result.generated}
-        if (to_save or result.failed_for_good) and not self._save(
-            message, to_save, result.failed_for_good
-        ):
-            return  # dead-lettered with its content, acknowledged
+        costs = {
+            key: result.costs[key.content_type]
+            for key in item_keys(message)
+            if key.content_type in result.costs
+        }
+        saved = False
+        if to_save or result.failed_for_good:
+            saved = self._save(message, to_save, result.failed_for_good, costs)
+            if not saved:
+                return  # dead-lettered with its content, acknowledged
         if result.try_later is not None:
-            self._note_try_later(message, started, result.try_later)
+            self._note_try_later(message, delivery, result.try_later, {} if saved else costs)
             raise result.try_later
 
     def _save(
@@ -164,6 +218,7 @@ class RetryBatch:
         message: RetryMessage,
         to_save: dict[ContentType, ContentModel],
         failed_for_good: dict[ContentType, str],
+        costs: dict[ledger.ItemKey, ItemCost],
     ) -> bool:
         """Save, or dead-letter the message with what was generated; False when dead-lettered.
 
@@ -172,9 +227,9 @@ class RetryBatch:
                 SQS will redeliver the record.
         """
         try:
-            versions = save_message(self.database, message, to_save, failed_for_good)
+            versions = save_message(self.database, message, to_save, failed_for_good, costs)
         except DATABASE_ERRORS as exc:
-            self._dead_letter_unsaved(message, to_save, exc)
+            self._dead_letter_unsaved(message, to_save, exc, costs)
             return False
         for content_type, version in versions.items():
             if version is None:
@@ -193,7 +248,11 @@ class RetryBatch:
         return True
 
     def _dead_letter_unsaved(
-        self, message: RetryMessage, to_save: dict[ContentType, ContentModel], error: BaseException
+        self,
+        message: RetryMessage,
+        to_save: dict[ContentType, ContentModel],
+        error: BaseException,
+        costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
         metrics.add_metric(name="SaveFailures", unit="Count", value=1)
         logger.error("retry_item_save_failed", extra={"error": repr(error)})
@@ -208,17 +267,18 @@ class RetryBatch:
             generated=sorted(to_save),
         )
         self._record_best_effort(
-            message, list(to_save), ItemStatus.DEAD_LETTERED, f"save failed: {error!r}"
+            message, list(to_save), ItemStatus.DEAD_LETTERED, f"save failed: {error!r}", costs
         )
 
     def _note_try_later(
         self,
         message: RetryMessage,
-        started: dict[ContentType, StartedItem],
+        delivery: Delivery,
         error: TransientGenerationError,
+        costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
-        open_items = [ct for ct, item in started.items() if not item.already_done]
-        self._record_best_effort(message, open_items, ItemStatus.RUNNING, str(error))
+        open_items = [ct for ct, item in delivery.started.items() if not item.already_done]
+        self._record_best_effort(message, open_items, ItemStatus.RUNNING, str(error), costs)
         logger.warning("retry_item_will_retry", extra={"error": str(error)})
 
     def _record_best_effort(
@@ -227,13 +287,16 @@ class RetryBatch:
         content_types: list[ContentType],
         status: ItemStatus,
         error: str,
+        costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
-        """Note an outcome in the ledger if the database lets us; the message
-        (redelivered or dead-lettered) stays the record of truth."""
+        """Note an outcome (and what the calls cost) in the ledger if the database
+        lets us; the message (redelivered or dead-lettered) stays the record of
+        truth, and the costs are in the metrics whatever happens here."""
         keys = [key for key in item_keys(message) if key.content_type in content_types]
         try:
             with self.database.transaction() as connection:
                 ledger.record_outcomes(connection, keys, status=status, error=error)
+                ledger.add_costs(connection, costs)
         except DATABASE_ERRORS:
             logger.warning("retry_ledger_not_updated")
 

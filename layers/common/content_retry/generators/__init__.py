@@ -5,11 +5,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from content_retry.generators.base import (
+    NO_USAGE,
     ContentGenerator,
+    Generation,
     GenerationError,
     MalformedOutputError,
     PermanentGenerationError,
     TransientGenerationError,
+    Usage,
 )
 from content_retry.settings import get_settings
 
@@ -22,17 +25,24 @@ def get_generator() -> ContentGenerator:
         from content_retry.aws import bedrock_runtime_client
         from content_retry.generators.bedrock import BedrockGenerator
 
-        return BedrockGenerator(bedrock_runtime_client(), settings.require("bedrock_model_id"))
+        return BedrockGenerator(
+            bedrock_runtime_client(),
+            settings.require("bedrock_model_id"),
+            output=settings.bedrock_output,
+        )
     from content_retry.generators.template import TemplateGenerator
 
     return TemplateGenerator()
 
 
 __all__ = [
+    "NO_USAGE",
     "ContentGenerator",
+    "Generation",
     "GenerationError",
     "MalformedOutputError",
     "PermanentGenerationError",
     "TransientGenerationError",
+    "Usage",
     "get_generator",
 ]

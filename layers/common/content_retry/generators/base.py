@@ -1,7 +1,8 @@
-"""The content generator interface (DESIGN §9) and how its failures are told apart."""
+"""The content generator interface (DESIGN §9), what each call cost, and how failures differ."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from content_retry.concepts import Concept
@@ -10,8 +11,33 @@ from content_retry.generated import ContentModel
 from content_retry.messages import Preferences
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What one generator call cost: the model's tokens, and the attempts the
+    LLM service refused for throttling before it answered (or gave up)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    throttled_attempts: int = 0
+
+
+NO_USAGE = Usage()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One item's content, and what generating it cost."""
+
+    content: ContentModel
+    usage: Usage = NO_USAGE
+
+
 class GenerationError(Exception):
-    """Generation failed."""
+    """Generation failed; ``usage`` is what the failed call still cost."""
+
+    def __init__(self, message: str, *, usage: Usage = NO_USAGE) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class TransientGenerationError(GenerationError):
@@ -19,7 +45,7 @@ class TransientGenerationError(GenerationError):
 
 
 class MalformedOutputError(TransientGenerationError):
-    """The model answered, but not with valid JSON of the asked shape.
+    """The model answered, but not with content of the asked shape (paid for all the same).
 
     Transient a bounded number of times (the worker counts attempts), then
     permanent: a model that keeps answering badly will not be paid forever.
@@ -37,7 +63,7 @@ class ContentGenerator(Protocol):
 
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
+    ) -> Generation:
         """Generate the content.
 
         Raises:

@@ -1,24 +1,40 @@
-"""The ``bedrock`` generator: Amazon Bedrock's Converse API, JSON validated with pydantic."""
+"""The ``bedrock`` generator: Amazon Bedrock's Converse API, content checked against its schema.
+
+By default the request offers the model one tool for the content type asked
+for, whose ``inputSchema`` is the content model's JSON schema, and makes the
+model call it (``toolChoice``): the content is the tool call's input, checked
+again by the same pydantic model. For models without tool use, ``output="text"``
+asks for the JSON in the answer's text instead, the schema given in the prompt.
+Either way the shapes come from :data:`content_retry.generated.CONTENT_MODELS`,
+so a new content type needs nothing here.
+
+Each call reports what it cost: the answer's ``usage`` tokens (a malformed
+answer is paid for too) and the attempts botocore saw throttled.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import threading
+from functools import cache
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
-from content_retry.generated import CONTENT_MODELS, ContentModel
+from content_retry.generated import CONTENT_MODELS
 from content_retry.generators.base import (
+    Generation,
     MalformedOutputError,
     PermanentGenerationError,
     TransientGenerationError,
+    Usage,
 )
 from content_retry.messages import Preferences
 
-# Error codes that may pass on a later try; botocore's standard retry mode has
-# already retried them a bounded number of times before they reach us.
+# Error codes that may pass on a later try; botocore's retry mode has already
+# retried them a bounded number of times before they reach us.
 _TRANSIENT_CODES = frozenset(
     {
         "ThrottlingException",
@@ -31,29 +47,34 @@ _TRANSIENT_CODES = frozenset(
         "TooManyRequestsException",
     }
 )
-# Stop reasons that mean the answer was refused or cut, not merely late.
+_THROTTLING_CODES = frozenset({"ThrottlingException", "TooManyRequestsException"})
+# Stop reasons that mean the answer was refused, not merely late or cut.
 _REFUSED = frozenset({"content_filtered", "guardrail_intervened"})
 
-_SHAPES = {
-    ContentType.TUTORIAL: '{"title": str, "summary": str, "content_markdown": str (markdown)}',
-    ContentType.RESOURCES: (
-        '{"resources": [{"title": str, "url": str (https URL), "kind": str '
-        '(article|video|course|book|docs|code|papers), "why": str}]} with 3 to 8 resources'
-    ),
-    ContentType.QUIZ: (
-        '{"questions": [{"question": str, "options": [4 strings], "answer_index": 0-3, '
-        '"explanation": str}]} with 3 to 8 questions'
-    ),
-}
-
 SYSTEM_PROMPT = (
-    "You write learning content for one concept of a learning roadmap. Answer with one "
-    "JSON object only, of exactly the shape asked for, with no text before or after it."
+    "You write learning content for one concept of a learning roadmap, for the learner's "
+    "language and level. Write real, accurate, useful content; links must be real URLs."
 )
+_TEXT_INSTRUCTION = (
+    "Answer with one JSON object only, valid against this JSON schema, with no text "
+    "before or after it: "
+)
+
+BedrockOutput = Literal["tool_use", "text"]
+
+
+def tool_name(content_type: ContentType) -> str:
+    return f"write_{content_type.value}"
+
+
+@cache
+def content_schema(content_type: ContentType) -> dict[str, Any]:
+    """The JSON schema of a content type's generated model (what the tool takes)."""
+    return CONTENT_MODELS[content_type].model_json_schema()
 
 
 def build_prompt(concept: Concept, content_type: ContentType, preferences: Preferences) -> str:
-    """The user prompt: the concept's whole context and the JSON shape wanted."""
+    """The user prompt: the concept's whole context and what to write."""
     context = {
         "concept": concept.name,
         "description": concept.description,
@@ -64,65 +85,164 @@ def build_prompt(concept: Concept, content_type: ContentType, preferences: Prefe
     }
     return (
         f"Write the {content_type.value} for this concept.\n"
-        f"Context: {json.dumps(context, ensure_ascii=False)}\n"
-        f"Answer with JSON of this shape: {_SHAPES[content_type]}"
+        f"Context: {json.dumps(context, ensure_ascii=False)}"
     )
 
 
+def converse_request(
+    model_id: str,
+    concept: Concept,
+    content_type: ContentType,
+    preferences: Preferences,
+    *,
+    output: BedrockOutput,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """The Converse request for one item."""
+    prompt = build_prompt(concept, content_type, preferences)
+    request: dict[str, Any] = {
+        "modelId": model_id,
+        "system": [{"text": SYSTEM_PROMPT}],
+        "inferenceConfig": {"maxTokens": max_tokens, "temperature": 0.3},
+    }
+    if output == "text":
+        schema = json.dumps(content_schema(content_type), separators=(",", ":"))
+        prompt += f"\n{_TEXT_INSTRUCTION}{schema}"
+    else:
+        name = tool_name(content_type)
+        request["toolConfig"] = {
+            "tools": [
+                {
+                    "toolSpec": {
+                        "name": name,
+                        "description": f"Save the {content_type.value} written for the concept.",
+                        "inputSchema": {"json": content_schema(content_type)},
+                    }
+                }
+            ],
+            "toolChoice": {"tool": {"name": name}},
+        }
+    request["messages"] = [{"role": "user", "content": [{"text": prompt}]}]
+    return request
+
+
 def _extract_json(text: str) -> Any:
-    """The JSON object in a model's answer (tolerating a Markdown code fence)."""
+    """The JSON object in a model's text answer (tolerating a Markdown code fence)."""
     start, end = text.find("{"), text.rfind("}")
     if start < 0 or end < start:
         raise ValueError("no JSON object in the answer")
     return json.loads(text[start : end + 1])
 
 
+def _answer(response: dict[str, Any], content_type: ContentType, output: BedrockOutput) -> Any:
+    """The content the model gave: the tool call's input, or the JSON in its text.
+
+    Raises:
+        KeyError, TypeError, ValueError: the answer holds no such content.
+    """
+    blocks = response["output"]["message"]["content"]
+    if output == "text":
+        return _extract_json("".join(block.get("text", "") for block in blocks))
+    name = tool_name(content_type)
+    calls = [block["toolUse"] for block in blocks if "toolUse" in block]
+    return next(call["input"] for call in calls if call.get("name") == name)
+
+
+class _ThrottleCounter:
+    """Counts the attempts botocore sees throttled, per calling thread.
+
+    botocore retries throttled attempts inside one ``converse`` call; its
+    ``needs-retry`` event sees each attempt's error code, and runs on the
+    thread that made the call, so each of the concurrent calls counts its own.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._local = threading.local()
+        client.meta.events.register("needs-retry.bedrock-runtime.Converse", self._attempt)
+
+    def _attempt(self, response: Any = None, **_: Any) -> None:
+        if response is None:
+            return
+        code = (response[1] or {}).get("Error", {}).get("Code")
+        if code in _THROTTLING_CODES:
+            self._local.count = getattr(self._local, "count", 0) + 1
+
+    def take(self) -> int:
+        """This thread's throttled attempts since the last take."""
+        count: int = getattr(self._local, "count", 0)
+        self._local.count = 0
+        return count
+
+
 class BedrockGenerator:
-    """Calls one Bedrock model through the Converse API."""
+    """Calls one Bedrock model through the Converse API; safe to call from several threads."""
 
     name = "bedrock"
 
-    def __init__(self, client: Any, model_id: str, *, max_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        client: Any,
+        model_id: str,
+        *,
+        output: BedrockOutput = "tool_use",
+        max_tokens: int = 4096,
+    ) -> None:
         self._client = client
         self._model_id = model_id
+        self._output: BedrockOutput = output
         self._max_tokens = max_tokens
+        self._throttles = _ThrottleCounter(client)
 
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            response = self._client.converse(
-                modelId=self._model_id,
-                system=[{"text": SYSTEM_PROMPT}],
-                messages=[
-                    {
-                        "role": "user",
-                        "content": [{"text": build_prompt(concept, content_type, preferences)}],
-                    }
-                ],
-                inferenceConfig={"maxTokens": self._max_tokens, "temperature": 0.3},
-            )
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in _TRANSIENT_CODES or status >= 500:
-                raise TransientGenerationError(f"bedrock {code or status}: {exc}") from exc
-            raise PermanentGenerationError(f"bedrock {code or status}: {exc}") from exc
-        except BotoCoreError as exc:  # timeouts, connection errors after botocore's retries
-            raise TransientGenerationError(f"bedrock unreachable: {exc}") from exc
-
+    ) -> Generation:
+        request = converse_request(
+            self._model_id,
+            concept,
+            content_type,
+            preferences,
+            output=self._output,
+            max_tokens=self._max_tokens,
+        )
+        self._throttles.take()  # nothing left over from an earlier call of this thread
+        response = self._converse(request)
+        usage = Usage(
+            input_tokens=int(response.get("usage", {}).get("inputTokens", 0)),
+            output_tokens=int(response.get("usage", {}).get("outputTokens", 0)),
+            throttled_attempts=self._throttles.take(),
+        )
         stop_reason = response.get("stopReason")
         if stop_reason in _REFUSED:
-            raise PermanentGenerationError(f"bedrock refused the content: stopReason={stop_reason}")
+            raise PermanentGenerationError(
+                f"bedrock refused the content: stopReason={stop_reason}", usage=usage
+            )
         try:
-            blocks = response["output"]["message"]["content"]
-            answer = "".join(block.get("text", "") for block in blocks)
-            return CONTENT_MODELS[content_type].model_validate(_extract_json(answer))
-        except (KeyError, TypeError, ValueError, ValidationError) as exc:
+            content = CONTENT_MODELS[content_type].model_validate(
+                _answer(response, content_type, self._output)
+            )
+        except (KeyError, TypeError, ValueError, StopIteration, ValidationError) as exc:
             # ValidationError is a ValueError; a cut answer (max_tokens) lands here too.
             raise MalformedOutputError(
                 f"bedrock answer is not a valid {content_type.value} "
-                f"(stopReason={stop_reason}): {exc}"
+                f"(stopReason={stop_reason}): {exc}",
+                usage=usage,
             ) from exc
+        return Generation(content, usage)
+
+    def _converse(self, request: dict[str, Any]) -> dict[str, Any]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response: dict[str, Any] = self._client.converse(**request)
+        except ClientError as exc:
+            usage = Usage(throttled_attempts=self._throttles.take())
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            detail = f"bedrock {code or status}: {exc}"
+            if code in _TRANSIENT_CODES or status >= 500:
+                raise TransientGenerationError(detail, usage=usage) from exc
+            raise PermanentGenerationError(detail, usage=usage) from exc
+        except BotoCoreError as exc:  # timeouts, connection errors after botocore's retries
+            usage = Usage(throttled_attempts=self._throttles.take())
+            raise TransientGenerationError(f"bedrock unreachable: {exc}", usage=usage) from exc
+        return response

@@ -20,6 +20,7 @@ from content_retry.generated import (
     ResourcesContent,
     TutorialContent,
 )
+from content_retry.generators.base import Generation
 from content_retry.messages import Preferences
 
 _DEPTH = {
@@ -45,13 +46,14 @@ class TemplateGenerator:
 
     def generate(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> ContentModel:
+    ) -> Generation:
         writers: dict[ContentType, Callable[[Concept, Preferences], ContentModel]] = {
             ContentType.TUTORIAL: self._tutorial,
             ContentType.RESOURCES: self._resources,
             ContentType.QUIZ: self._quiz,
         }
-        return writers[content_type](concept, preferences)
+        # No model, no tokens: the content is written from the concept's own fields.
+        return Generation(writers[content_type](concept, preferences))
 
     def _tutorial(self, concept: Concept, preferences: Preferences) -> TutorialContent:
         description = concept.description or f"{concept.name} is a core idea of {_where(concept)}."
