@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "B5": "benchmarks.b5_imports",
     "B6": "benchmarks.b6_pgbouncer",
     "B7": "benchmarks.b7_shipped_imports",
+    "B8": "benchmarks.b8_parallel_generation",
 }
 
 

@@ -57,8 +57,10 @@ def _demo(args: argparse.Namespace) -> int:
     # The demo narrates what the handlers do; their own events are for --verbose.
     _quiet_handlers(args.verbose, level="CRITICAL")
     print("content-retry demo: the seed's failure and its repair, on this machine")
-    with local_environment(aws="thread") as environment:
-        print(f"   database: {environment.database}, AWS: {environment.aws}\n")
+    with local_environment(aws="thread", llm_latency=args.llm_latency) as environment:
+        print(
+            f"   database: {environment.database}, AWS: {environment.aws}, LLM: {environment.llm}\n"
+        )
         return run_demo(environment)
 
 
@@ -217,6 +219,16 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= seconds <= 60:
+        raise argparse.ArgumentTypeError(f"{value} s: give 0 to 60 seconds")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="content-retry",
@@ -233,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo", "the seed's failure and its repair, end to end", _demo)
     demo.add_argument("--verbose", action="store_true", help="show the handlers' logs and metrics")
+    demo.add_argument(
+        "--llm-latency",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="generate through Bedrock's Converse API (tool use), served by a local Bedrock "
+        "that takes this long a call; default: the offline template generator",
+    )
 
     db = commands.add_parser("db", help="database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")

@@ -232,8 +232,9 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
     say()
 
     # 4. Drain through the generate handler; one save loses its connection.
-    generator = DemoGenerator(worker_sessions.terminate, fail_on_call=8)
-    worker = replace(default_worker_dependencies(), generator=generator)
+    configured = default_worker_dependencies()  # the template, or Bedrock (--llm-latency)
+    generator = DemoGenerator(worker_sessions.terminate, fail_on_call=8, inner=configured.generator)
+    worker = replace(configured, generator=generator)
     try:
         say("4. The generate function drains the queue (the 8th save loses its connection)")
         drain(demo.sqs, demo.queue_url, on_batch=demo.progress("generate", queued), deps=worker)
@@ -318,6 +319,10 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
     say(f"   DLQ depth: {dlq_depth}   retry queue depth: {queue_left}")
     if task is not None:
         say(f"   task {task.task_id}: {task.status} {task.counts.model_dump()}")
+        say(
+            f"   the task's LLM usage: {task.usage.llm_calls} calls, "
+            f"{task.usage.input_tokens} input and {task.usage.output_tokens} output tokens"
+        )
     say("   check it yourself:")
     say(f"     {CHECK_SQL}")
     say(f"   the steps above took {time.monotonic() - started:.1f} s (start-up not included)")

@@ -22,12 +22,15 @@ from typing import Any
 from content_retry.settings import get_settings
 
 LOCAL_STATE_DIR = Path(".local")
+# The model id the local Bedrock is asked for (it answers any).
+LOCAL_MODEL_ID = "local.content-retry-demo-v1"
 
 
 @dataclass
 class LocalEnvironment:
     database: str  # "embedded" or "given"
     aws: str  # "moto (this process)", "moto (background)", "given" or "none"
+    llm: str = "as configured"  # or the local Bedrock this process started
 
     @property
     def all_its_own(self) -> bool:
@@ -57,7 +60,10 @@ def _set(**values: str) -> None:
 
 @contextmanager
 def local_environment(
-    *, aws: str = "background", state_dir: Path = LOCAL_STATE_DIR
+    *,
+    aws: str = "background",
+    state_dir: Path = LOCAL_STATE_DIR,
+    llm_latency: float | None = None,
 ) -> Iterator[LocalEnvironment]:
     """Make a database and (unless ``aws="none"``) SQS reachable for this process.
 
@@ -65,9 +71,13 @@ def local_environment(
         aws: ``"thread"`` runs moto in this process and stops it on exit;
             ``"background"`` shares one moto server between commands;
             ``"none"`` needs no AWS.
+        llm_latency: when given, the generate function calls Bedrock
+            (``CONTENT_GENERATOR=bedrock``), served by a local Bedrock in this
+            process that takes this many seconds a call.
     """
     from content_retry.aws import bedrock_runtime_client, client
     from content_retry.database import get_engine
+    from content_retry.generators import get_generator
     from content_retry_local.postgres import start_embedded_postgres
     from content_retry_local.schema import upgrade
 
@@ -101,6 +111,13 @@ def local_environment(
 
         queue_url, dlq_url = create_queues(client("sqs"))
         _set(RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url)
+    bedrock: Any = None
+    if llm_latency is not None:
+        from content_retry_local.bedrock_server import LocalBedrock
+
+        bedrock = LocalBedrock(latency=llm_latency).start()
+        described.llm = f"local Bedrock ({llm_latency:g} s a call)"
+        _set(CONTENT_GENERATOR="bedrock", BEDROCK_MODEL_ID=LOCAL_MODEL_ID, **bedrock.environ())
     try:
         yield described
     finally:
@@ -109,5 +126,8 @@ def local_environment(
         get_engine.cache_clear()
         client.cache_clear()
         bedrock_runtime_client.cache_clear()
+        get_generator.cache_clear()
         if server is not None:
             server.stop()
+        if bedrock is not None:
+            bedrock.stop()

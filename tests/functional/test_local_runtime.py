@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,7 +39,9 @@ from tests.conftest import REPO_ROOT, Queues
 from tests.support import CountingGenerator, worker_deps
 
 
-def run_demo(cwd: Path, given: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    cwd: Path, given: dict[str, str] | None = None, *arguments: str
+) -> subprocess.CompletedProcess[str]:
     """``content-retry demo`` in a new process, with nothing configured but ``given``."""
     environment = {
         name: value
@@ -47,7 +50,7 @@ def run_demo(cwd: Path, given: dict[str, str] | None = None) -> subprocess.Compl
     }
     environment.update(given or {})
     return subprocess.run(
-        [sys.executable, "-m", "content_retry_local.cli", "demo"],
+        [sys.executable, "-m", "content_retry_local.cli", "demo", *arguments],
         cwd=cwd,
         env=environment,
         capture_output=True,
@@ -74,6 +77,29 @@ def test_the_demo_repairs_the_seed_and_can_run_twice(tmp_path: Path) -> None:
         )
         assert "end state: OK" in run.stdout
     assert (tmp_path / ".local" / "pgdata" / "PG_VERSION").exists()
+
+
+def test_the_demo_runs_through_bedrocks_api_against_a_local_bedrock(tmp_path: Path) -> None:
+    # WHEN the demo generates through the Converse API (tool use), served locally
+    run = run_demo(tmp_path, None, "--llm-latency", "0.05")
+
+    # THEN it repairs the seed the same way, and the task's usage holds real token counts
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "LLM: local Bedrock (0.05 s a call)" in run.stdout
+    assert (
+        "LLM calls: 26 (21 for the 21 tutorials, 0 for the re-drive, 5 for the sweep)" in run.stdout
+    )
+    usage = re.search(r"LLM usage: (\d+) calls, (\d+) input and (\d+) output tokens", run.stdout)
+    assert usage is not None, run.stdout
+    assert int(usage[1]) == 21 and int(usage[2]) > 0 and int(usage[3]) > 0
+    assert "end state: OK" in run.stdout
+
+
+def test_the_demo_refuses_a_latency_it_cannot_take(tmp_path: Path) -> None:
+    run = run_demo(tmp_path, None, "--llm-latency", "soon")
+
+    assert run.returncode == 2
+    assert "'soon' is not a number of seconds" in run.stderr
 
 
 @pytest.fixture
