@@ -13,7 +13,8 @@ from content_retry.retries import DetectDependencies
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
-@tracer.capture_lambda_handler
+# No response or error in the trace: they may carry content (errors are in the logs).
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)
 @metrics.log_metrics
 def lambda_handler(
     event: dict[str, Any], context: LambdaContext, deps: DetectDependencies | None = None

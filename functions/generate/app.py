@@ -11,7 +11,8 @@ from content_retry.worker import WorkerDependencies, handle_retry_batch
 
 
 @logger.inject_lambda_context
-@tracer.capture_lambda_handler
+# No response or error in the trace: they may carry content (errors are in the logs).
+@tracer.capture_lambda_handler(capture_response=False, capture_error=False)
 @metrics.log_metrics
 def lambda_handler(
     event: dict[str, Any], context: LambdaContext, deps: WorkerDependencies | None = None

@@ -10,6 +10,7 @@ with only the function's folder, the layer and the standard library on
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,34 @@ def moto_queues() -> Iterator[tuple[str, Any, str, str]]:
     server.stop()
 
 
+@pytest.fixture
+def xray_daemon() -> Iterator[socket.socket]:
+    """Where the handlers' X-Ray SDK sends its segments (UDP), as Lambda's daemon receives them."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(("127.0.0.1", 0))
+        daemon.settimeout(0.5)
+        yield daemon
+
+
+def received_segments(daemon: socket.socket) -> list[dict[str, Any]]:
+    """Every segment the daemon received (each datagram: a header line, then the segment)."""
+    segments: list[dict[str, Any]] = []
+    while True:
+        try:
+            datagram = daemon.recv(65536)
+        except TimeoutError:
+            return segments
+        segments.append(json.loads(datagram.decode().split("\n", 1)[1]))
+
+
 def function_environment(
-    function: str, tree: ShippedTree, database_url: str, endpoint: str, queue: str, dlq: str
+    function: str,
+    tree: ShippedTree,
+    database_url: str,
+    endpoint: str,
+    queue: str,
+    dlq: str,
+    daemon: str,
 ) -> dict[str, str]:
     return lambda_environment(
         function,
@@ -87,9 +114,9 @@ def function_environment(
         CONTENT_GENERATOR="template",
         POWERTOOLS_SERVICE_NAME="content-retry",
         POWERTOOLS_METRICS_NAMESPACE="ContentRetry",
-        # Lambda's X-Ray facade: a sampled trace, emitted to a daemon that is not there.
+        # Lambda's X-Ray facade: a sampled trace, its segments sent to the test's daemon.
         _X_AMZN_TRACE_ID="Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
-        AWS_XRAY_DAEMON_ADDRESS="127.0.0.1:2000",
+        AWS_XRAY_DAEMON_ADDRESS=daemon,
         AWS_XRAY_CONTEXT_MISSING="IGNORE_ERROR",
     )
 
@@ -100,13 +127,17 @@ def test_both_handlers_run_from_the_shipped_tree_alone(
     db: Engine,
     database_url: str,
     tmp_path: Path,
+    xray_daemon: socket.socket,
 ) -> None:
     endpoint, sqs, queue_url, dlq_url = moto_queues
+    daemon = f"127.0.0.1:{xray_daemon.getsockname()[1]}"
     with db.begin() as connection:
         seed_scenario(connection)
 
     def environment(function: str) -> dict[str, str]:
-        return function_environment(function, shipped, database_url, endpoint, queue_url, dlq_url)
+        return function_environment(
+            function, shipped, database_url, endpoint, queue_url, dlq_url, daemon
+        )
 
     # WHEN detect runs on the direct-invoke event, as Lambda would run it
     detect = run_handler(
@@ -156,6 +187,24 @@ def test_both_handlers_run_from_the_shipped_tree_alone(
         assert bytecode.exists(), f"no bytecode shipped for {module_file}"
         flags = int.from_bytes(bytecode.read_bytes()[4:8], "little")
         assert flags == UNCHECKED_HASH, f"{bytecode} is not unchecked-hash bytecode"
+
+    # AND X-Ray got the judge, each save and each LLM call as subsegments, annotated
+    # to be found by, with no response and none of the content in any segment
+    segments = received_segments(xray_daemon)
+    named: dict[str, list[dict[str, Any]]] = {}
+    for segment in segments:
+        named.setdefault(segment["name"], []).append(segment)
+    assert {"## lambda_handler", "## judge", "## save", "## llm_call"} <= set(named), set(named)
+    assert named["## judge"][0]["annotations"] == {"roadmap_id": SEED_ROADMAP_ID}
+    assert len(named["## llm_call"]) == len(named["## save"]) == 5
+    for call in named["## llm_call"]:
+        assert call["annotations"]["task_id"] == detect.result["task_id"]
+        assert call["annotations"]["content_type"] == "tutorial"
+    everything = json.dumps(segments)
+    assert "handler response" not in everything
+    assert "## What it is" not in everything  # a tutorial's text
+    for body in (json.loads(m["Body"]) for m in messages):
+        assert body["concept"]["name"] not in everything
 
 
 def test_the_layer_holds_the_runtime_and_exactly_the_locked_dependencies(

@@ -38,6 +38,7 @@ from content_retry.generators import (
     Usage,
 )
 from content_retry.messages import Preferences
+from content_retry.observability import continue_trace, trace_entity, traced
 
 # Deliveries of one item whose answers were malformed before the item fails
 # for good: a model that keeps answering badly is not paid forever.
@@ -119,6 +120,8 @@ class MessageRequest:
     """One message's items to generate."""
 
     message_id: str
+    task_id: str
+    roadmap_id: str
     concept: Concept
     preferences: Preferences
     items: Sequence[ItemToGenerate]
@@ -180,6 +183,7 @@ class BatchGeneration:
         self._parallelism = parallelism
         self._seconds_left = seconds_left
         self._budget = call_budget_seconds
+        self._trace: object = None
 
     def run(self, requests: Sequence[MessageRequest]) -> Iterator[tuple[str, MessageGeneration]]:
         """Each message's id and result, as soon as all its items are done."""
@@ -190,6 +194,9 @@ class BatchGeneration:
         calls = [(m, item) for m in in_flight for item in m.request.items]
         if not calls:
             return
+        # The pool's threads carry on this thread's trace, so each call is a
+        # subsegment of the invocation's.
+        self._trace = trace_entity()
         with ThreadPoolExecutor(
             max_workers=min(self._parallelism, len(calls)), thread_name_prefix="llm"
         ) as pool:
@@ -215,13 +222,20 @@ class BatchGeneration:
             )
         else:
             request = message.request
-            outcome = generate_item(
-                self._generator,
-                request.concept,
-                item.content_type,
-                request.preferences,
-                attempts=item.attempts,
-            )
+            continue_trace(self._trace)
+            with traced(
+                "llm_call",
+                task_id=request.task_id,
+                roadmap_id=request.roadmap_id,
+                content_type=item.content_type.value,
+            ):
+                outcome = generate_item(
+                    self._generator,
+                    request.concept,
+                    item.content_type,
+                    request.preferences,
+                    attempts=item.attempts,
+                )
         if isinstance(outcome, TryLater):
             with message.lock:
                 message.try_later = message.try_later or outcome.error

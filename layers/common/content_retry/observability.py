@@ -5,8 +5,9 @@ Log records are events: a snake_case name and fields (DESIGN §11).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import EphemeralMetrics
@@ -43,3 +44,32 @@ def record_llm_costs(costs: Mapping[ContentType, ItemCost]) -> None:
         blob.add_metric(name="InputTokens", unit="Count", value=cost.input_tokens)
         blob.add_metric(name="OutputTokens", unit="Count", value=cost.output_tokens)
         blob.flush_metrics()
+
+
+@contextmanager
+def traced(name: str, **annotations: str) -> Iterator[None]:
+    """The block as an X-Ray subsegment ``## name`` of the invocation's trace.
+
+    ``annotations`` (task_id, roadmap_id, content_type...) are indexed: the
+    console finds traces by them (``annotation.task_id = "..."``). Nothing of
+    the work's inputs, results or errors is recorded: content stays out of
+    traces (errors are in the logs). A no-op where tracing is off.
+    """
+    with tracer.provider.in_subsegment(name=f"## {name}") as subsegment:
+        for key, value in annotations.items():
+            subsegment.put_annotation(key, value)
+        yield
+
+
+def trace_entity() -> Any:
+    """The current trace entity, to carry the trace into another thread."""
+    from aws_xray_sdk.core import xray_recorder
+
+    return xray_recorder.get_trace_entity()
+
+
+def continue_trace(entity: Any) -> None:
+    """Make this (new) thread's subsegments children of ``entity``."""
+    from aws_xray_sdk.core import xray_recorder
+
+    xray_recorder.set_trace_entity(entity)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 
 from content_retry.content_types import STORAGE
-from content_retry.observability import logger
+from content_retry.observability import logger, traced
 from content_retry.plan import RoadmapNotFoundError
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry.settings import SettingsError
@@ -102,6 +102,11 @@ def sweep(deps: DetectDependencies) -> SweepOutcome:
     the rest wait for the next run. Each roadmap is planned in its own
     transaction, so one failure does not undo the others.
     """
+    with traced("sweep"):
+        return _sweep(deps)
+
+
+def _sweep(deps: DetectDependencies) -> SweepOutcome:
     settings = deps.settings
     with deps.engine.begin() as connection:
         candidates = list(

@@ -59,9 +59,7 @@ class TaskView(BaseModel):
     usage: TaskUsage
 
     @classmethod
-    def of(
-        cls, task_id: str, roadmap_id: str, items: list[TaskItem], usage: TaskUsage
-    ) -> TaskView:
+    def of(cls, task_id: str, roadmap_id: str, items: list[TaskItem], usage: TaskUsage) -> TaskView:
         """The view of a task's items, its status and counts derived from them."""
         counts = Counter(
             ItemStatus.QUEUED.value if item.status in CLAIMING_STATUSES else item.status.value

@@ -46,7 +46,7 @@ from content_retry.generation import (
 )
 from content_retry.generators import ContentGenerator, TransientGenerationError
 from content_retry.messages import RetryMessage
-from content_retry.observability import logger, metrics, record_llm_costs
+from content_retry.observability import logger, metrics, record_llm_costs, traced
 from content_retry.queue import dead_letter
 from content_retry.settings import Settings
 from content_retry.statuses import ItemStatus
@@ -148,7 +148,14 @@ class RetryBatch:
                 to_generate.append(ItemToGenerate(item.content_type, state.attempts))
         if not to_generate and not self._provided(delivery):
             return None
-        return MessageRequest(message_id, message.concept, message.preferences, to_generate)
+        return MessageRequest(
+            message_id,
+            str(message.task_id),
+            message.roadmap_id,
+            message.concept,
+            message.preferences,
+            to_generate,
+        )
 
     def _provided(self, delivery: Delivery) -> dict[ContentType, ContentModel]:
         """The content a (re-driven) message carries for its items still open."""
@@ -227,7 +234,13 @@ class RetryBatch:
                 SQS will redeliver the record.
         """
         try:
-            versions = save_message(self.database, message, to_save, failed_for_good, costs)
+            with traced(
+                "save",
+                task_id=str(message.task_id),
+                roadmap_id=message.roadmap_id,
+                concept_id=message.concept.concept_id,
+            ):
+                versions = save_message(self.database, message, to_save, failed_for_good, costs)
         except DATABASE_ERRORS as exc:
             self._dead_letter_unsaved(message, to_save, exc, costs)
             return False

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, TextClause, text
 
 from content_retry.concepts import MAX_ID_LENGTH, Concept
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
-from content_retry.observability import logger
+from content_retry.observability import logger, traced
 from content_retry.plan.models import ConceptPlan, PlannedItem, Reason, RetryPlan
 from content_retry.roadmaps import array_or_empty, lock_roadmap, patch_concept_statuses
 from content_retry.statuses import (
@@ -162,7 +162,19 @@ def build_retry_plan(
         UnknownContentTypeError: a content type is unknown, or the list is empty.
         RoadmapNotFoundError: no such roadmap, or it is not ``owner``'s.
     """
-    types = parse_content_types(content_types)
+    with traced("judge", roadmap_id=roadmap_id):
+        return _plan(
+            connection, roadmap_id, parse_content_types(content_types), owner, claim_lease_minutes
+        )
+
+
+def _plan(
+    connection: Connection,
+    roadmap_id: str,
+    types: tuple[ContentType, ...],
+    owner: str | None,
+    claim_lease_minutes: int,
+) -> RetryPlan:
     roadmap = lock_roadmap(connection, roadmap_id)
     if roadmap is None or (owner is not None and roadmap.user_id != owner):
         raise RoadmapNotFoundError(roadmap_id)
