@@ -268,3 +268,115 @@ def test_the_real_client_path_accounts_tokens_and_throttles_per_content_type(
     assert sum(t["OutputTokens"] for t in by_type.values()) == stats.output_tokens
     assert sum(t["LLMThrottles"] for t in by_type.values()) == stats.throttled
     assert sum(t["LLMCalls"] for t in by_type.values()) >= stats.answered
+
+
+@pytest.mark.parametrize(
+    "bad_markdown",
+    ['"before\\u0000after"', '"lone \\ud800 surrogate"'],
+    ids=["nul", "unpaired-surrogate"],
+)
+def test_carried_content_the_database_cannot_store_fails_its_item_alone_for_good(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    detect: DetectDependencies,
+    lambda_context: FakeLambdaContext,
+    bad_markdown: str,
+) -> None:
+    # GIVEN a re-driven message of two items whose carried tutorial holds what
+    # PostgreSQL cannot store, beside a good quiz
+    _, bodies = plan_everything(connection, queues, detect, lambda_context)
+    message = json.loads(two_item_body(bodies))
+    concept_id = message["concept"]["concept_id"]
+    quiz = {
+        "questions": [
+            {
+                "question": "Q?",
+                "options": ["a", "b", "c", "d"],
+                "answer_index": 1,
+                "explanation": "e",
+            }
+        ]
+    }
+    tutorial = '{"title": "T", "summary": "S", "content_markdown": ' + bad_markdown + "}"
+    body = json.dumps({**message, "generated": {"quiz": quiz, "tutorial": "TUTORIAL"}})
+    body = body.replace('"TUTORIAL"', tutorial)
+    generator = CountingGenerator()
+    worker = worker_deps(db, queues.sqs, generator)
+
+    # WHEN it is delivered, twice
+    first = generate_handler(sqs_event([body]), lambda_context, deps=worker)
+    second = generate_handler(sqs_event([body]), lambda_context, deps=worker)
+
+    # THEN the quiz is saved, the tutorial fails for good with its reason, without
+    # a call to the LLM, and nothing comes back or goes to the dead-letter queue
+    assert first == second == {"batchItemFailures": []}
+    assert generator.calls == []
+    assert queues.depth(queues.dlq_url) == 0
+    with db.connect() as check:
+        quiz_rows = check.execute(
+            text(
+                "SELECT count(*) FROM quizzes WHERE concept_id = :c AND is_latest AND content_status = 'completed'"
+            ),
+            {"c": concept_id},
+        ).scalar_one()
+        tutorial_item = check.execute(
+            text(
+                "SELECT status, last_error FROM retry_items WHERE concept_id = :c "
+                "AND content_type = 'tutorial'"
+            ),
+            {"c": concept_id},
+        ).one()
+    assert quiz_rows == 1
+    assert tutorial_item.status == "failed"
+    assert "cannot be used" in tutorial_item.last_error
+
+
+def test_content_the_database_refuses_anyway_fails_only_its_item(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    detect: DetectDependencies,
+    lambda_context: FakeLambdaContext,
+) -> None:
+    # GIVEN generated content that slipped past the models (built without them),
+    # which PostgreSQL refuses, beside good content for the message's other item
+    from content_retry.content_store import save_message
+    from content_retry.content_types import ContentType
+    from content_retry.database import BatchConnection
+    from content_retry.generated import QuizContent, TutorialContent
+    from content_retry.messages import RetryMessage
+
+    _, bodies = plan_everything(connection, queues, detect, lambda_context)
+    message = RetryMessage.model_validate_json(two_item_body(bodies))
+    bad = TutorialContent.model_construct(title="T", summary="S", content_markdown="a\x00b")
+    good = QuizContent.model_validate(
+        {
+            "questions": [
+                {
+                    "question": "Q?",
+                    "options": ["a", "b", "c", "d"],
+                    "answer_index": 0,
+                    "explanation": "e",
+                }
+            ]
+        }
+    )
+
+    # WHEN the message is saved
+    with BatchConnection(db) as database:
+        saved = save_message(
+            database, message, {ContentType.TUTORIAL: bad, ContentType.QUIZ: good}, {}, {}
+        )
+
+    # THEN the quiz is saved, the tutorial recorded failed with the database's reason
+    assert saved.versions == {ContentType.QUIZ: 2}
+    assert "refused" in saved.refused[ContentType.TUTORIAL]
+    with db.connect() as check:
+        statuses = dict(
+            check.execute(
+                text("SELECT content_type, status FROM retry_items WHERE concept_id = :c"),
+                {"c": message.concept.concept_id},
+            ).all()
+        )
+    assert statuses == {"tutorial": "failed", "quiz": "succeeded"}

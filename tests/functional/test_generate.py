@@ -546,3 +546,43 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
         ).all()
     assert [tuple(row) for row in rows] == [(1, False), (2, True)]
     assert any(record.msg == "retry_item_save_raced" for record in caplog.records)
+
+
+@pytest.mark.parametrize(("receives", "dead_lettered"), [(4, False), (5, True)])
+def test_a_record_failing_on_its_last_delivery_is_dead_lettered_with_its_reason(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
+    receives: int,
+    dead_lettered: bool,
+) -> None:
+    # GIVEN a message whose LLM call keeps being throttled, delivered for the n-th time
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
+    concept_id = json.loads(body)["concept"]["concept_id"]
+    generator.failures[(concept_id, "tutorial")] = TransientGenerationError("ThrottlingException")
+    event = sqs_event([body])
+    event["Records"][0]["attributes"]["ApproximateReceiveCount"] = str(receives)
+
+    # WHEN the generate function takes it
+    response = generate_handler(event, lambda_context, deps=worker)
+
+    # THEN before the last delivery it goes back to SQS; on the last one
+    # (maxReceiveCount) the worker dead-letters it itself, naming why
+    dead = queues.receive_all(queues.dlq_url)
+    item = ledger_item(db, concept_id)
+    if dead_lettered:
+        assert response == {"batchItemFailures": []}
+        assert [m["MessageAttributes"]["reason"]["StringValue"] for m in dead] == [
+            "retries_exhausted"
+        ]
+        assert "5 deliveries" in dead[0]["MessageAttributes"]["error"]["StringValue"]
+        assert item.status == "dead_lettered"
+        assert "ThrottlingException" in item.last_error
+    else:
+        assert response == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
+        assert dead == []
+        assert item.status == "running"

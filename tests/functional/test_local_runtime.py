@@ -161,7 +161,7 @@ def test_serve_answers_real_http_with_the_contract(
     assert set(document["paths"]) == {"/roadmaps/{roadmap_id}/retry", "/retry-tasks/{task_id}"}
 
 
-def test_drain_leaves_a_failing_record_to_the_redrive_policy(
+def test_drain_dead_letters_a_record_that_keeps_failing_with_its_reason(
     connection: Connection, queues: Queues, db: Engine, load_event: Any
 ) -> None:
     # GIVEN 21 queued messages, one of which the LLM never manages
@@ -175,13 +175,17 @@ def test_drain_leaves_a_failing_record_to_the_redrive_policy(
     report = drain(queues.sqs, queues.queue_url, deps=worker_deps(db, queues.sqs, generator))
 
     # THEN the other 20 were saved and deleted; the failing one was received
-    # maxReceiveCount (5) times, then SQS moved it to the DLQ
-    assert report.succeeded == 20
-    assert report.failed == 5
+    # maxReceiveCount (5) times, failed back 4 times, and on its last delivery
+    # the worker dead-lettered it with its reason (SQS's redrive would have none)
+    assert report.succeeded == 21
+    assert report.failed == 4
     assert generator.calls.count(("c15", "tutorial")) == 5
     assert queue_depth(queues.sqs, queues.queue_url) == 0
     dead = queues.receive_all(queues.dlq_url)
     assert [json.loads(m["Body"])["concept"]["concept_id"] for m in dead] == ["c15"]
+    attributes = dead[0]["MessageAttributes"]
+    assert attributes["reason"]["StringValue"] == "retries_exhausted"
+    assert "ThrottlingException" in attributes["error"]["StringValue"]
     with db.connect() as connection:
         saved = connection.execute(
             text("SELECT count(*) FROM tutorials WHERE roadmap_id = :r AND is_latest"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 from collections.abc import Callable
@@ -138,6 +139,82 @@ def test_bad_bodies_get_their_answer_and_write_nothing(
     assert writes(db) == before
 
 
+def base64_of(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    ("body", "is_base64", "named"),
+    [
+        ("[" * 1_000 + "]" * 1_000, False, "more than 32 levels deep"),
+        ('{"content_types": [' + "[" * 40 + "]" * 40 + "]}", False, "more than 32 levels deep"),
+        ('{"preferences": {"level": ' + "9" * 4_301 + "}}", False, "longer than 100 digits"),
+        ('{"n": -' + "1" * 101 + "}", False, "longer than 100 digits"),
+        ("not//base64!!", True, "not valid base64"),
+        (base64_of(b'{"content_types": ["tutorial"]}\xff\xfe'), True, "not UTF-8"),
+        ('{"content_types": ["tutorial\ud800"]}', False, "unpaired surrogate"),
+        ('{"content_types": ["tutorial\\ud800"]}', False, "unpaired surrogate"),
+        ('{"\\udfff": 1}', False, "unpaired surrogate"),
+    ],
+    ids=[
+        "1000-nested-arrays",
+        "nested-in-a-field",
+        "4301-digit-integer",
+        "101-digit-negative",
+        "invalid-base64",
+        "non-utf8-bytes",
+        "lone-surrogate-in-text",
+        "lone-surrogate-escape",
+        "surrogate-escape-in-a-key",
+    ],
+)
+def test_hostile_bodies_get_a_400_naming_the_problem_and_write_nothing(
+    connection: Connection,
+    db: Engine,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    body: str,
+    is_base64: bool,
+    named: str,
+) -> None:
+    # GIVEN the seed's roadmap, and a request its owner's client mangled (or an attacker forged)
+    scenario = seed_scenario(connection)
+    connection.commit()
+    before = writes(db)
+    event = retry_event(load_event, scenario.roadmap_id, body)
+    event["isBase64Encoded"] = is_base64
+
+    # WHEN it reaches the detect function
+    response = detect_handler(event, lambda_context)
+
+    # THEN the answer is a 400 that says what is wrong, in valid JSON; nothing was written
+    assert response["statusCode"] == 400, response["body"]
+    assert named in json.loads(response["body"])["message"]
+    assert writes(db) == before
+
+
+def test_a_valid_base64_body_is_read_as_the_json_it_encodes(
+    connection: Connection,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+) -> None:
+    scenario = seed_scenario(connection)
+    connection.commit()
+    event = retry_event(
+        load_event,
+        scenario.roadmap_id,
+        base64_of(json.dumps({"content_types": ["tutorial"]}).encode()),
+    )
+    event["isBase64Encoded"] = True
+
+    response = detect_handler(event, lambda_context)
+
+    assert response["statusCode"] == 202, response["body"]
+    assert json.loads(response["body"])["items"] == {"tutorial": 21}
+
+
 @pytest.mark.parametrize(
     ("content_type", "body", "status"),
     [
@@ -216,4 +293,59 @@ def test_a_message_from_a_future_version_is_dead_lettered_untouched(
     dead = queues.receive_all(queues.dlq_url)
     assert [m["Body"] for m in dead] == [json.dumps(body)]
     assert "version" in dead[0]["MessageAttributes"]["error"]["StringValue"]
+    assert writes(db) == before
+
+
+def ledger_rows(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        return [
+            tuple(row)
+            for row in connection.execute(
+                text(
+                    "SELECT task_id, concept_id, content_type, status, attempts, claimed_at, "
+                    "last_error FROM retry_items ORDER BY 1, 2, 3"
+                )
+            )
+        ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("roadmap_id", "someone-elses-roadmap"),
+        ("user_id", "u-7"),
+        ("task_id", "6f1c7f0e-0000-4000-8000-000000000000"),
+    ],
+)
+def test_a_message_that_does_not_match_its_ledger_is_not_planned_and_changes_nothing(
+    connection: Connection,
+    db: Engine,
+    queues: Queues,
+    load_event: Any,
+    lambda_context: FakeLambdaContext,
+    field: str,
+    value: str,
+) -> None:
+    # GIVEN a planned message, and another user's roadmap with a tutorial missing too
+    seed_scenario(connection)
+    concept = ConceptSeed("c11", "Theirs", "Their concept.", {"content_status": None})
+    insert_roadmap(connection, "someone-elses-roadmap", "u-7", single_module_framework([concept]))
+    connection.commit()
+    assert detect_handler(load_event("api-retry.json"), lambda_context)["statusCode"] == 202
+    body = json.loads(next(m["Body"] for m in queues.receive_all() if '"c11"' in m["Body"]))
+    before_ledger, before = ledger_rows(db), writes(db)
+
+    # WHEN the message arrives with its roadmap, owner or task changed
+    body[field] = value
+    event = load_event("sqs-retry-batch.json")
+    event["Records"] = event["Records"][:1]
+    event["Records"][0]["body"] = json.dumps(body)
+    response = generate_handler(event, lambda_context)
+
+    # THEN it is dead-lettered as not planned, and no ledger row moved: no attempt
+    # counted, no claim renewed, nothing written anywhere
+    assert response == {"batchItemFailures": []}
+    dead = queues.receive_all(queues.dlq_url)
+    assert [m["MessageAttributes"]["reason"]["StringValue"] for m in dead] == ["not_planned"]
+    assert ledger_rows(db) == before_ledger
     assert writes(db) == before

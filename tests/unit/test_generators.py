@@ -288,3 +288,19 @@ def test_the_deployed_bedrock_client_retries_adaptively_in_two_attempts_pooled_f
     assert config.retries == {"mode": "adaptive", "total_max_attempts": BEDROCK_MAX_ATTEMPTS}
     assert BEDROCK_MAX_ATTEMPTS == 2
     assert config.max_pool_connections == 24
+
+
+@pytest.mark.parametrize(
+    "text", ["before\x00after", "lone \ud800 surrogate", "trailing \udfff"], ids=repr
+)
+def test_content_postgresql_cannot_store_is_malformed_output(
+    bedrock: tuple[BedrockGenerator, Stubber], text: str
+) -> None:
+    # GIVEN a model answering with a character no PostgreSQL text or jsonb can hold
+    generator, stubber = bedrock
+    stubber.add_response("converse", tool_answer({**TUTORIAL, "content_markdown": text}))
+
+    # WHEN / THEN it is malformed output (retried a bounded number of times), never saved
+    with pytest.raises(MalformedOutputError, match="content_markdown") as raised:
+        generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+    assert "cannot store" in str(raised.value) or "unicode string" in str(raised.value)

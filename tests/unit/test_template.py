@@ -168,3 +168,11 @@ def test_least_privilege_statements_are_scoped() -> None:
     assert "${BedrockModelId}" in bedrock["Resource"].value
     assert "${DatabaseUser}" in connect["Resource"].value[0]
     assert {"SQSSendMessagePolicy"} <= {key for policy in generate for key in policy}
+
+
+def test_the_worker_knows_the_retry_queues_max_receive_count() -> None:
+    # generate dead-letters a record on its last delivery itself: it must know which that is
+    variables = load_template()["Globals"]["Function"]["Environment"]["Variables"]
+    redrive = resource("RetryQueue")["Properties"]["RedrivePolicy"]
+
+    assert int(variables["RETRY_MAX_RECEIVE_COUNT"]) == int(redrive["maxReceiveCount"])

@@ -23,12 +23,10 @@ from content_retry.content_types import ContentType, UnknownContentTypeError
 from content_retry.messages import Preferences
 from content_retry.observability import logger
 from content_retry.plan import RoadmapNotFoundError
+from content_retry.request_body import BodyError, read_body
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry.tasks import TaskView, task_for_owner
 from content_retry.validation import describe_errors
-
-# API Gateway accepts up to 10 MB; a retry request is a few hundred bytes.
-MAX_BODY_BYTES = 16 * 1024
 
 RoadmapId = Annotated[str, Path(min_length=1, description="The roadmap's id")]
 TaskId = Annotated[str, Path(min_length=1, description="A task id from a 202")]
@@ -226,14 +224,18 @@ def handle_api_event(
 ) -> dict[str, Any]:
     """Answer one API Gateway REST proxy event.
 
-    The caller and the body's size are checked before routing, so a request
-    without identity gets 401 whatever else is wrong with it.
+    The caller, then the body (:func:`content_retry.request_body.read_body`),
+    are checked before routing: a request without identity gets 401 whatever
+    else is wrong with it, and a body no parser should see gets its 400 or 413.
     """
     if caller_identity(event) is None:
         return _raw(401, ErrorResponse(message="no caller identity: sign in"))
-    body = event.get("body") or ""
-    if len(body.encode() if isinstance(body, str) else body) > MAX_BODY_BYTES:
-        return _raw(413, ErrorResponse(message=f"the request body exceeds {MAX_BODY_BYTES} bytes"))
+    try:
+        body = read_body(event.get("body"), is_base64=bool(event.get("isBase64Encoded")))
+    except BodyError as exc:
+        return _raw(exc.status, ErrorResponse(message=str(exc), errors=[str(exc)]))
+    # The resolver gets the body as checked text, never to be decoded again.
+    event = {**event, "body": body, "isBase64Encoded": False}
     if body and not _is_json(event.get("headers") or {}):
         # The body is read as JSON whatever type it was sent as (a browser's
         # fetch says text/plain): not JSON is a 400, as for any other body.

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 
 from sqlalchemy import Connection, TextClause, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from content_retry import ledger
 from content_retry.content_types import STORAGE, ContentType, PayloadFormat
 from content_retry.costs import ItemCost
-from content_retry.database import BatchConnection
+from content_retry.database import BatchConnection, refused_data
 from content_retry.generated import ContentModel
 from content_retry.ledger import ItemKey
 from content_retry.messages import RetryMessage
@@ -138,27 +139,52 @@ def save_item(
     return version
 
 
+@dataclass
+class SavedMessage:
+    """What a message's save came to."""
+
+    # Each saved item's new version, None for an item saved before.
+    versions: dict[ContentType, int | None] = field(default_factory=dict)
+    # Items whose content the database refused (then recorded failed), with why.
+    refused: dict[ContentType, str] = field(default_factory=dict)
+
+
 def save_message(
     database: BatchConnection,
     message: RetryMessage,
     to_save: Mapping[ContentType, ContentModel],
     failed_for_good: Mapping[ContentType, str],
     costs: Mapping[ItemKey, ItemCost],
-) -> dict[ContentType, int | None]:
+) -> SavedMessage:
     """Save a message's generated items, record its permanent failures and what its
     LLM calls cost, in one transaction.
 
     Another task saving the same concept's new version at the same moment
     makes the unique latest-row index refuse one of the two: that save is
     tried once more, on a fresh snapshot that sees the other version and goes
-    on top of it.
-
-    Returns:
-        Each saved item's new version, None for an item saved before.
+    on top of it. Content the database refuses as data (which the generated
+    models keep out: this is the net under them) fails only its own item:
+    the items are then saved one by one.
 
     Raises:
         One of ``DATABASE_ERRORS``: the save failed; nothing of it was written.
     """
+    try:
+        return SavedMessage(_save_racing(database, message, to_save, failed_for_good, costs))
+    except DBAPIError as exc:
+        if not refused_data(exc):
+            raise
+        logger.warning("retry_item_content_refused", extra={"error": repr(exc)})
+    return _save_one_by_one(database, message, to_save, failed_for_good, costs)
+
+
+def _save_racing(
+    database: BatchConnection,
+    message: RetryMessage,
+    to_save: Mapping[ContentType, ContentModel],
+    failed_for_good: Mapping[ContentType, str],
+    costs: Mapping[ItemKey, ItemCost],
+) -> dict[ContentType, int | None]:
     try:
         return _save_transaction(database, message, to_save, failed_for_good, costs)
     except IntegrityError as exc:
@@ -166,6 +192,25 @@ def save_message(
             raise
         logger.info("retry_item_save_raced")
     return _save_transaction(database, message, to_save, failed_for_good, costs)
+
+
+def _save_one_by_one(
+    database: BatchConnection,
+    message: RetryMessage,
+    to_save: Mapping[ContentType, ContentModel],
+    failed_for_good: Mapping[ContentType, str],
+    costs: Mapping[ItemKey, ItemCost],
+) -> SavedMessage:
+    saved = SavedMessage()
+    for content_type, content in to_save.items():
+        try:
+            saved.versions |= _save_racing(database, message, {content_type: content}, {}, {})
+        except DBAPIError as exc:
+            if not refused_data(exc):
+                raise
+            saved.refused[content_type] = f"the database refused the content: {exc.orig}"[:500]
+    _save_transaction(database, message, {}, {**failed_for_good, **saved.refused}, costs)
+    return saved
 
 
 def _save_transaction(

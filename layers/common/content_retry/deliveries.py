@@ -7,6 +7,7 @@ generation (ended for their task, or completed by someone else meanwhile).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from content_retry import ledger
 from content_retry.content_types import ContentType
 from content_retry.database import DATABASE_ERRORS, BatchConnection
-from content_retry.ledger import ItemKey, StartedItem
+from content_retry.ledger import DeliveredItem, ItemKey, StartedItem
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger
 from content_retry.validation import describe_errors
@@ -47,6 +48,26 @@ class Deliveries:
     start_failed: str | None = None
 
 
+def read_message(body: str) -> RetryMessage:
+    """A record's body as a retry message.
+
+    Parsed by Python's JSON reader, which (unlike pydantic's) reads an unpaired
+    surrogate escape into the string: content carrying one is then set aside
+    as unusable by itself, instead of making the whole message unreadable.
+
+    Raises:
+        ValueError: the body is not a retry message; the message says why.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"body: not a JSON document ({type(exc).__name__}: {exc})"[:500]) from exc
+    try:
+        return RetryMessage.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError("; ".join(describe_errors(exc.errors(), whole="body"))) from exc
+
+
 def item_keys(message: RetryMessage) -> list[ItemKey]:
     """The deduplication keys of a message's items."""
     return [
@@ -58,25 +79,28 @@ def item_keys(message: RetryMessage) -> list[ItemKey]:
 def prepare_deliveries(database: BatchConnection, records: Sequence[dict[str, Any]]) -> Deliveries:
     """Parse every record's body, then start every item of the batch in one statement."""
     deliveries = Deliveries({})
-    keys: list[ItemKey] = []
+    items: list[DeliveredItem] = []
     for record in records:
         delivery = deliveries.by_message_id[record.get("messageId", "")] = Delivery()
         try:
-            delivery.message = RetryMessage.model_validate_json(record.get("body") or "")
-        except ValidationError as exc:
-            delivery.invalid_reason = "; ".join(describe_errors(exc.errors(), whole="body"))
+            delivery.message = read_message(record.get("body") or "")
+        except ValueError as exc:
+            delivery.invalid_reason = str(exc)
             continue
-        message_keys = item_keys(delivery.message)
+        message = delivery.message
+        delivered = [
+            DeliveredItem(key, message.roadmap_id, message.user_id) for key in item_keys(message)
+        ]
         # A copy carrying generated content is never dropped for another.
-        if delivery.message.generated is None and set(message_keys) <= set(keys):
+        if message.generated is None and set(delivered) <= set(items):
             delivery.duplicate = True
             continue
-        keys += [key for key in message_keys if key not in keys]
+        items += [item for item in delivered if item not in items]
     try:
         with database.transaction() as connection:
-            started = ledger.start_items(connection, keys)
+            started = ledger.start_items(connection, items)
     except DATABASE_ERRORS as exc:
-        logger.exception("retry_batch_start_failed", extra={"items": len(keys)})
+        logger.exception("retry_batch_start_failed", extra={"items": len(items)})
         deliveries.start_failed = f"database unavailable: {exc!r}"
         return deliveries
     for delivery in deliveries.by_message_id.values():

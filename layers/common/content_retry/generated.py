@@ -11,12 +11,35 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    PrivateAttr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    model_validator,
+)
 
 from content_retry.content_types import ContentType
+from content_retry.validation import describe_errors
 
-Text = Annotated[str, Field(min_length=1, max_length=200_000)]
-ShortText = Annotated[str, Field(min_length=1, max_length=2_000)]
+
+def _storable(text: str) -> str:
+    """PostgreSQL stores no NUL character, in text or in jsonb: content holding one
+    could never be saved, however often tried. (An unpaired surrogate, which it
+    cannot store either, pydantic refuses in any ``str`` already.)"""
+    position = text.find("\x00")
+    if position >= 0:
+        raise ValueError(f"holds a NUL character (at {position}), which PostgreSQL cannot store")
+    return text
+
+
+Text = Annotated[str, Field(min_length=1, max_length=200_000), AfterValidator(_storable)]
+ShortText = Annotated[str, Field(min_length=1, max_length=2_000), AfterValidator(_storable)]
+Label = Annotated[str, Field(min_length=1, max_length=50), AfterValidator(_storable)]
 
 
 class _Content(BaseModel):
@@ -50,7 +73,7 @@ class TutorialContent(ContentModel):
 class Resource(_Content):
     title: ShortText
     url: HttpUrl
-    kind: Annotated[str, Field(min_length=1, max_length=50)]
+    kind: Label
     why: ShortText
 
 
@@ -89,17 +112,45 @@ CONTENT_MODELS: dict[ContentType, type[ContentModel]] = {
 
 
 class GeneratedContent(_Content):
-    """What was generated for one concept's items, keyed by content type."""
+    """What was generated for one concept's items, keyed by content type.
+
+    Content that is not valid (say it holds what PostgreSQL cannot store) does
+    not make the whole message unreadable: it is set aside in :attr:`unusable`
+    with the reason, so only its own item fails and the others are saved.
+    """
 
     tutorial: TutorialContent | None = None
     resources: ResourcesContent | None = None
     quiz: QuizContent | None = None
+    _unusable: dict[ContentType, str] = PrivateAttr(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _not_empty(self) -> GeneratedContent:
-        if all(self.get(content_type) is None for content_type in ContentType):
+    @model_validator(mode="wrap")
+    @classmethod
+    def _set_aside_what_cannot_be_used(
+        cls, data: Any, handler: ValidatorFunctionWrapHandler
+    ) -> GeneratedContent:
+        unusable: dict[ContentType, str] = {}
+        if isinstance(data, dict):
+            data = dict(data)
+            for content_type in ContentType:
+                value = data.get(content_type.value)
+                if value is None or isinstance(value, CONTENT_MODELS[content_type]):
+                    continue
+                try:
+                    CONTENT_MODELS[content_type].model_validate(value)
+                except ValidationError as exc:
+                    del data[content_type.value]
+                    unusable[content_type] = "; ".join(describe_errors(exc.errors(), whole="it"))
+        generated: GeneratedContent = handler(data)
+        if not unusable and all(generated.get(ct) is None for ct in ContentType):
             raise ValueError(f"generated holds no content; give one of: {', '.join(ContentType)}")
-        return self
+        generated._unusable = unusable
+        return generated
+
+    @property
+    def unusable(self) -> dict[ContentType, str]:
+        """Content types whose content could not be used, with why."""
+        return dict(self._unusable)
 
     def get(self, content_type: ContentType) -> ContentModel | None:
         value: ContentModel | None = getattr(self, content_type.value)

@@ -121,8 +121,12 @@ WITH current AS (
          CASE i.content_type {_COMPLETED_NOW} ELSE false END AS completed_since_task
   FROM retry_items AS i
   JOIN unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]),
-              CAST(:content_types AS text[])) AS w(task_id, concept_id, content_type)
-    ON (w.task_id, w.concept_id, w.content_type) = (i.task_id, i.concept_id, i.content_type)
+              CAST(:content_types AS text[]), CAST(:roadmap_ids AS text[]),
+              CAST(:user_ids AS text[]))
+       AS w(task_id, concept_id, content_type, roadmap_id, user_id)
+    ON (w.task_id, w.concept_id, w.content_type, w.roadmap_id)
+       = (i.task_id, i.concept_id, i.content_type, i.roadmap_id)
+  JOIN retry_tasks AS t ON t.task_id = i.task_id AND t.user_id = w.user_id
   FOR UPDATE OF i
 ),
 updated AS (
@@ -144,9 +148,19 @@ FROM current AS c LEFT JOIN updated AS u USING (task_id, concept_id, content_typ
 
 
 @dataclass(frozen=True)
+class DeliveredItem:
+    """An item as a message names it: its key, and the roadmap and owner it claims."""
+
+    key: ItemKey
+    roadmap_id: str
+    user_id: str
+
+
+@dataclass(frozen=True)
 class StartedItem:
     key: ItemKey
-    # None when the ledger has no such item (a message the pipeline did not plan).
+    # None when the ledger has no such item, or holds it for another roadmap or
+    # owner than the message names: a message the pipeline did not plan.
     status_before: ItemStatus | None
     attempts: int
     # The platform (or another task) saved completed content since this task began.
@@ -158,22 +172,27 @@ class StartedItem:
         return self.status_before in ENDED_STATUSES or self.completed_since_task
 
 
-def start_items(connection: Connection, keys: Sequence[ItemKey]) -> dict[ItemKey, StartedItem]:
+def start_items(
+    connection: Connection, items: Sequence[DeliveredItem]
+) -> dict[ItemKey, StartedItem]:
     """Mark a batch's items running, in one statement, before any LLM call.
 
-    Counts an attempt, renews the claim (so a long queue wait does not let the
-    judge plan the item twice), and reports items that need no generation:
-    ended for this task (saved, or failed for good), or completed by someone
-    else since it was planned (deduplication, not judging; marked succeeded).
+    Counts an attempt, renews the claim, and reports items that need no
+    generation: ended for this task (saved, or failed for good), or completed
+    by someone else since it was planned (deduplication, not judging; marked
+    succeeded). An item whose ledger row names another roadmap or owner than
+    the message is left untouched and reported as never planned.
     """
-    if not keys:
+    if not items:
         return {}
     rows = connection.execute(
         _START_ITEMS,
         {
-            "task_ids": [key.task_id for key in keys],
-            "concept_ids": [key.concept_id for key in keys],
-            "content_types": [key.content_type.value for key in keys],
+            "task_ids": [item.key.task_id for item in items],
+            "concept_ids": [item.key.concept_id for item in items],
+            "content_types": [item.key.content_type.value for item in items],
+            "roadmap_ids": [item.roadmap_id for item in items],
+            "user_ids": [item.user_id for item in items],
         },
     ).all()
     found: dict[ItemKey, StartedItem] = {}
@@ -187,7 +206,8 @@ def start_items(connection: Connection, keys: Sequence[ItemKey]) -> dict[ItemKey
             completed_since_task=bool(row.completed_since_task) and status not in ENDED_STATUSES,
         )
     return {
-        key: found.get(key, StartedItem(key, None, 0, completed_since_task=False)) for key in keys
+        item.key: found.get(item.key, StartedItem(item.key, None, 0, completed_since_task=False))
+        for item in items
     }
 
 
@@ -196,8 +216,8 @@ def record_outcomes(
 ) -> None:
     """Set items' status and last error (failed, dead_lettered, or still running).
 
-    An item already saved for its task keeps its status: a late note about an
-    earlier delivery never undoes a success.
+    An item that already ended for its task (saved, or failed for good) keeps
+    its status: a late note about an earlier delivery never undoes an ending.
     """
     if not keys:
         return
@@ -207,12 +227,12 @@ def record_outcomes(
             "FROM unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]), "
             "CAST(:content_types AS text[])) AS k(task_id, concept_id, content_type) "
             "WHERE (i.task_id, i.concept_id, i.content_type) = (k.task_id, k.concept_id, "
-            "k.content_type) AND i.status <> :succeeded"
+            "k.content_type) AND i.status <> ALL(CAST(:ended AS text[]))"
         ),
         {
             "status": status.value,
             "error": clip_error(error) if error else None,
-            "succeeded": ItemStatus.SUCCEEDED.value,
+            "ended": [ended.value for ended in ENDED_STATUSES],
             "task_ids": [key.task_id for key in keys],
             "concept_ids": [key.concept_id for key in keys],
             "content_types": [key.content_type.value for key in keys],

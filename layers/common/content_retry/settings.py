@@ -50,6 +50,12 @@ class Settings(BaseModel):
     content_generator: GeneratorName = Field(default="template", alias="CONTENT_GENERATOR")
     bedrock_model_id: str | None = Field(default=None, alias="BEDROCK_MODEL_ID")
     bedrock_output: BedrockOutput = Field(default="tool_use", alias="BEDROCK_OUTPUT")
+    # The retry queue's RedrivePolicy maxReceiveCount: on a record's last delivery
+    # the worker dead-letters it itself, with its reason, instead of failing it
+    # back for SQS to move without one.
+    max_receive_count: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=5, alias="RETRY_MAX_RECEIVE_COUNT"
+    )
     # LLM calls one generate invocation runs at once (1: one after another, in
     # the batch's order); the Bedrock client's connection pool is sized to it.
     generate_parallelism: Annotated[int, Field(ge=1, le=64)] = Field(

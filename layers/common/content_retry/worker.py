@@ -92,6 +92,8 @@ class RetryBatch:
             self.deliveries = prepare_deliveries(self.database, records)
             requests = [self._route(record) for record in records]
             self._generate_and_save([request for request in requests if request is not None])
+            for record in records:
+                self._dead_letter_if_last_delivery(record)
         record_llm_costs(self.costs)
         processor = BatchProcessor(
             event_type=EventType.SQS,
@@ -122,6 +124,32 @@ class RetryBatch:
                 self.outcomes[message_id] = exc
                 return None
 
+    def _dead_letter_if_last_delivery(self, record: dict[str, Any]) -> None:
+        """A record going back to SQS on its last delivery goes to the dead-letter
+        queue now, with its reason: SQS's redrive would move it without one."""
+        message_id = record.get("messageId", "")
+        error = self.outcomes.get(message_id)
+        receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
+        if error is None or receives < self.deps.settings.max_receive_count:
+            return
+        detail = f"{receives} deliveries, the last one: {error}"
+        with logger.append_context_keys(message_id=message_id):
+            try:
+                self._dead_letter(record.get("body") or "", "retries_exhausted", detail, items=1)
+            except Exception as exc:  # SQS moves it anyway; nothing better is left
+                logger.warning("retry_record_returned", extra={"error": repr(exc)})
+                return
+        self.outcomes[message_id] = None
+        message = self.deliveries.by_message_id[message_id].message
+        if message is not None:
+            self._record_best_effort(
+                message,
+                [item.content_type for item in message.items],
+                ItemStatus.DEAD_LETTERED,
+                f"dead-lettered after {detail}",
+                {},
+            )
+
     def _request(self, message_id: str, body: str, delivery: Delivery) -> MessageRequest | None:
         if delivery.invalid_reason is not None:
             self._dead_letter(body, "invalid_message", delivery.invalid_reason, items=1)
@@ -139,14 +167,17 @@ class RetryBatch:
             detail = f"no ledger entry for {', '.join(unknown)}"
             self._dead_letter(message.to_body(), "not_planned", detail, items=len(unknown))
             return None
+        carried = message.generated
         to_generate = []
         for item in message.items:
             state = delivery.started[item.content_type]
             if state.already_done:
                 logger.info("retry_item_skipped", extra={"content_type": item.content_type.value})
-            elif message.generated is None or message.generated.get(item.content_type) is None:
+            elif carried is None or (
+                carried.get(item.content_type) is None and item.content_type not in carried.unusable
+            ):
                 to_generate.append(ItemToGenerate(item.content_type, state.attempts))
-        if not to_generate and not self._provided(delivery):
+        if not to_generate and not self._provided(delivery) and not self._unusable(delivery):
             return None
         return MessageRequest(
             message_id,
@@ -167,6 +198,21 @@ class RetryBatch:
             for content_type, started in delivery.started.items()
             if not started.already_done
             and (content := message.generated.get(content_type)) is not None
+        }
+
+    def _unusable(self, delivery: Delivery) -> dict[ContentType, str]:
+        """Items still open whose carried content cannot be used: each fails for good.
+
+        Content the database cannot store fails the same way however often it is
+        tried (or re-driven); the message's other items are saved all the same.
+        """
+        message = delivery.message
+        if message is None or message.generated is None:
+            return {}
+        return {
+            content_type: f"the content carried in the message cannot be used: {reason}"
+            for content_type, reason in message.generated.unusable.items()
+            if content_type in delivery.started and not delivery.started[content_type].already_done
         }
 
     def _generate_and_save(self, requests: list[MessageRequest]) -> None:
@@ -206,14 +252,15 @@ class RetryBatch:
             },
         )
         to_save = {**provided, **result.generated}
+        failed_for_good = {**self._unusable(delivery), **result.failed_for_good}
         costs = {
             key: result.costs[key.content_type]
             for key in item_keys(message)
             if key.content_type in result.costs
         }
         saved = False
-        if to_save or result.failed_for_good:
-            saved = self._save(message, to_save, result.failed_for_good, costs)
+        if to_save or failed_for_good:
+            saved = self._save(message, to_save, failed_for_good, costs)
             if not saved:
                 return  # dead-lettered with its content, acknowledged
         if result.try_later is not None:
@@ -240,11 +287,12 @@ class RetryBatch:
                 roadmap_id=message.roadmap_id,
                 concept_id=message.concept.concept_id,
             ):
-                versions = save_message(self.database, message, to_save, failed_for_good, costs)
+                saved = save_message(self.database, message, to_save, failed_for_good, costs)
         except DATABASE_ERRORS as exc:
             self._dead_letter_unsaved(message, to_save, exc, costs)
             return False
-        for content_type, version in versions.items():
+        failed_for_good = {**failed_for_good, **saved.refused}
+        for content_type, version in saved.versions.items():
             if version is None:
                 logger.info("retry_item_skipped", extra={"content_type": content_type.value})
                 continue

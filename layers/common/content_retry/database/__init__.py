@@ -5,6 +5,7 @@ from content_retry.database.engine import (
     BatchConnection,
     build_engine,
     get_engine,
+    refused_data,
 )
 
-__all__ = ["DATABASE_ERRORS", "BatchConnection", "build_engine", "get_engine"]
+__all__ = ["DATABASE_ERRORS", "BatchConnection", "build_engine", "get_engine", "refused_data"]

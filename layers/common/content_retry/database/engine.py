@@ -30,6 +30,23 @@ ConnectParams = dict[str, Any]
 # socket's OSError escape unwrapped.
 DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
+
+def sqlstate(error: BaseException) -> str | None:
+    """PostgreSQL's SQLSTATE code of a failed statement (pg8000 carries it as ``C``)."""
+    details = getattr(getattr(error, "orig", None), "args", ())
+    if details and isinstance(details[0], dict):
+        code = details[0].get("C")
+        return code if isinstance(code, str) else None
+    return None
+
+
+def refused_data(error: BaseException) -> bool:
+    """Whether the database refused the data itself (SQLSTATE class 22, a data
+    exception): unlike a lost connection, trying again cannot help."""
+    code = sqlstate(error)
+    return code is not None and code.startswith("22")
+
+
 _DRIVER = "postgresql+pg8000"
 
 # pg8000's socket timeout, seconds. Without one, a connection black-holed by a
