@@ -90,7 +90,8 @@ latest AS (
 claims AS (
   SELECT DISTINCT concept_id, content_type FROM retry_items
   WHERE roadmap_id = :roadmap_id AND status IN ('queued', 'running')
-    AND claimed_at > now() - make_interval(mins => :lease_minutes)
+    AND (claimed_at > now() - make_interval(mins => :lease_minutes)
+         OR sent_at > now() - make_interval(mins => :retention_minutes))
 )
 SELECT c.concept_id, t.content_type,
        CASE WHEN c.concept ->> t.status_key = 'failed' OR l.content_status = 'failed' THEN 'failed'
@@ -164,7 +165,8 @@ def _hand_written(engine: Engine, roadmap_id: str) -> list[tuple[str, str, str]]
     """The hand-written query's plan, in a transaction of its own."""
     with engine.begin() as connection:
         rows = connection.execute(
-            HAND_WRITTEN_PLAN, {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES}
+            HAND_WRITTEN_PLAN,
+            {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES, "retention_minutes": 5760},
         ).all()
     return [(row.concept_id, row.content_type, row.reason) for row in rows]
 
@@ -192,7 +194,7 @@ def _breakdown(engine: Engine, roadmap_id: str, judge_seconds: float, rounds: in
     """Where the judge's time goes beyond the hand-written query: its lock, its
     state query alone (rows fetched, no Python plan), and the rest (Python)."""
     state_query = _state_query(ALL_CONTENT_TYPES)
-    params = {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES}
+    params = {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES, "retention_minutes": 5760}
 
     def lock() -> None:
         with engine.begin() as connection:

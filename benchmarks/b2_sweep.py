@@ -110,6 +110,7 @@ def _candidates(engine: Engine, settings: Settings, *, index_scans: bool = True)
                 {
                     "grace_minutes": settings.sweep_grace_minutes,
                     "lease_minutes": settings.claim_lease_minutes,
+                    "retention_minutes": settings.queue_retention_minutes,
                     "limit": NEEDING_WORK,
                 },
             ).scalars()
@@ -124,6 +125,7 @@ def _uses_partial_index(engine: Engine, settings: Settings) -> bool:
                 {
                     "grace_minutes": settings.sweep_grace_minutes,
                     "lease_minutes": settings.claim_lease_minutes,
+                    "retention_minutes": settings.queue_retention_minutes,
                     "limit": NEEDING_WORK,
                 },
             ).scalars()

@@ -373,7 +373,7 @@ def test_content_the_database_refuses_anyway_fails_only_its_item(
     assert saved.versions == {ContentType.QUIZ: 2}
     assert "refused" in saved.refused[ContentType.TUTORIAL]
     with db.connect() as check:
-        statuses = dict(
+        statuses: dict[str, str] = dict(
             check.execute(
                 text("SELECT content_type, status FROM retry_items WHERE concept_id = :c"),
                 {"c": message.concept.concept_id},

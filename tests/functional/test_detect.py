@@ -517,7 +517,7 @@ def test_sweep_finds_its_candidates_through_the_partial_index(connection: Connec
     plan = "\n".join(
         connection.execute(
             text(f"EXPLAIN {_SWEEP_CANDIDATES.text}"),
-            {"grace_minutes": 30, "lease_minutes": 60, "limit": 50},
+            {"grace_minutes": 30, "lease_minutes": 60, "retention_minutes": 5760, "limit": 50},
         ).scalars()
     )
 

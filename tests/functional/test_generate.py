@@ -497,7 +497,11 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
     )
     with db.begin() as connection:
         connection.execute(
-            text("UPDATE retry_items SET claimed_at = claimed_at - interval '2 hours'")
+            # its message was dropped from the queue, unprocessed (the queue's retention passed)
+            text(
+                "UPDATE retry_items SET claimed_at = claimed_at - interval '2 hours', "
+                "sent_at = sent_at - interval '5 days'"
+            )
         )
     start_retry(detect, SEED_ROADMAP_ID, content_types=["tutorial"], trigger="sweep")
     second = next(

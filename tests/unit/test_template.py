@@ -176,3 +176,10 @@ def test_the_worker_knows_the_retry_queues_max_receive_count() -> None:
     redrive = resource("RetryQueue")["Properties"]["RedrivePolicy"]
 
     assert int(variables["RETRY_MAX_RECEIVE_COUNT"]) == int(redrive["maxReceiveCount"])
+
+
+def test_a_sent_claim_lasts_as_long_as_the_queue_keeps_its_message() -> None:
+    variables = load_template()["Globals"]["Function"]["Environment"]["Variables"]
+    retention = int(resource("RetryQueue")["Properties"]["MessageRetentionPeriod"])
+
+    assert int(variables["RETRY_QUEUE_RETENTION_MINUTES"]) * 60 == retention

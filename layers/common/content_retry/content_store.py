@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from content_retry import ledger
 from content_retry.content_types import STORAGE, ContentType, PayloadFormat
-from content_retry.costs import ItemCost
+from content_retry.costs import NOT_CALLED, ItemCost
 from content_retry.database import BatchConnection, refused_data
 from content_retry.generated import ContentModel
 from content_retry.ledger import ItemKey
@@ -50,7 +50,9 @@ def _save_statement(content_type: ContentType) -> TextClause:
         f"""
 WITH item AS (
   UPDATE retry_items
-  SET status = '{ItemStatus.SUCCEEDED}', last_error = NULL, updated_at = now()
+  SET status = '{ItemStatus.SUCCEEDED}', last_error = NULL, updated_at = now(),
+      llm_calls = llm_calls + :llm_calls, input_tokens = input_tokens + :input_tokens,
+      output_tokens = output_tokens + :output_tokens
   WHERE task_id = CAST(:task_id AS uuid) AND concept_id = :concept_id
     AND content_type = :content_type AND status <> '{ItemStatus.SUCCEEDED}'
     AND roadmap_id = :roadmap_id
@@ -119,11 +121,14 @@ def save_item(
     roadmap_id: str,
     concept_name: str,
     content: ContentModel,
+    cost: ItemCost = NOT_CALLED,
 ) -> int | None:
-    """Save one item's content as its new latest version, in the caller's transaction.
+    """Save one item's content as its new latest version, in the caller's transaction,
+    adding what generating it cost to its ledger row.
 
     Returns the new ``content_version``, or None when the ledger says the item
-    was already saved (or was never planned): then nothing is written.
+    was already saved (or was never planned): then nothing is written, the
+    cost included.
     """
     version: int | None = connection.execute(
         _save_statement(key.content_type),
@@ -134,6 +139,9 @@ def save_item(
             "roadmap_id": roadmap_id,
             "title": content.stored_title(concept_name),
             "payload": _stored_payload(key.content_type, content),
+            "llm_calls": cost.llm_calls,
+            "input_tokens": cost.input_tokens,
+            "output_tokens": cost.output_tokens,
         },
     ).scalar_one()
     return version
@@ -222,16 +230,17 @@ def _save_transaction(
 ) -> dict[ContentType, int | None]:
     task_id, concept_id = str(message.task_id), message.concept.concept_id
     with database.transaction() as connection:
-        versions = {
-            content_type: save_item(
+        versions: dict[ContentType, int | None] = {}
+        for content_type, content in to_save.items():
+            key = ItemKey(task_id, concept_id, content_type)
+            versions[content_type] = save_item(
                 connection,
-                ItemKey(task_id, concept_id, content_type),
+                key,
                 roadmap_id=message.roadmap_id,
                 concept_name=message.concept.name,
                 content=content,
+                cost=costs.get(key, NOT_CALLED),
             )
-            for content_type, content in to_save.items()
-        }
         for content_type, error in failed_for_good.items():
             ledger.record_outcomes(
                 connection,
@@ -250,5 +259,10 @@ def _save_transaction(
                     }
                 },
             )
-        ledger.add_costs(connection, costs)
+        # What the saves above did not record: the calls of items not saved now
+        # (failed, or saved by another delivery meanwhile: paid all the same).
+        ledger.add_costs(
+            connection,
+            {key: cost for key, cost in costs.items() if versions.get(key.content_type) is None},
+        )
     return versions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -78,7 +79,7 @@ def handle_detect_event(
     if kind == "schedule":
         if event.get("detail-type") != "Scheduled Event":
             _parse(SweepInput, event)
-        return sweep(deps).as_response()
+        return sweep(deps, _seconds_left(context)).as_response()
     request = _parse(DirectInvoke, event)
     outcome = start_retry(
         deps,
@@ -98,3 +99,9 @@ def _parse(model: type[ModelT], event: dict[str, Any]) -> ModelT:
     except ValidationError as exc:
         problems = "; ".join(describe_errors(exc.errors(), whole="event"))
         raise InvalidEventError(f"invalid {model.__name__} event: {problems}") from exc
+
+
+def _seconds_left(context: LambdaContext | None) -> Callable[[], float]:
+    if context is None:
+        return lambda: float("inf")
+    return lambda: context.get_remaining_time_in_millis() / 1000

@@ -16,7 +16,13 @@ from sqlalchemy import Connection, text
 from content_retry.content_types import STORAGE, ContentType
 from content_retry.costs import ItemCost
 from content_retry.plan.models import RetryPlan
-from content_retry.statuses import ENDED_STATUSES, ContentStatus, ItemStatus, sql_list
+from content_retry.statuses import (
+    CLAIMING_STATUSES,
+    ENDED_STATUSES,
+    ContentStatus,
+    ItemStatus,
+    sql_list,
+)
 from content_retry.validation import clip_error
 
 
@@ -59,6 +65,55 @@ def create_task(
         },
     )
     return str(task_id)
+
+
+def mark_sent(connection: Connection, task_id: str, concept_ids: Iterable[str]) -> None:
+    """Record that these concepts' messages are in the queue: their claims now
+    hold until processed (or the queue's retention has passed)."""
+    ids = sorted(set(concept_ids))
+    if ids:
+        connection.execute(
+            text(
+                "UPDATE retry_items SET sent_at = now() WHERE task_id = :task_id "
+                "AND concept_id = ANY(CAST(:concept_ids AS text[]))"
+            ),
+            {"task_id": task_id, "concept_ids": ids},
+        )
+
+
+# The states are written out, not bound: only then does the planner use the
+# partial index retry_items_waiting_since, so the cost follows the waiting items.
+_EXPIRE_UNSEEN = text(
+    f"""
+WITH expired AS (
+  UPDATE retry_items SET status = :failed, last_error = :error, updated_at = now()
+  WHERE status IN ({sql_list(CLAIMING_STATUSES)})
+    AND sent_at < now() - make_interval(mins => :retention_minutes)
+  RETURNING 1)
+SELECT count(*) FROM expired
+"""  # noqa: S608 - constant states; values are bound  # nosec B608
+)
+
+
+def expire_unseen_claims(connection: Connection, retention_minutes: int) -> int:
+    """End the claims of items whose message outlived the queue's retention unprocessed.
+
+    SQS drops a message older than its retention without a word; its item
+    would otherwise stay claimed. It is failed with the reason, so the task
+    says what happened, and the next judge plans it again. Returns how many.
+    """
+    expired: int = connection.execute(
+        _EXPIRE_UNSEEN,
+        {
+            "failed": ItemStatus.FAILED.value,
+            "retention_minutes": retention_minutes,
+            "error": clip_error(
+                f"its message was in the retry queue longer than its retention "
+                f"({retention_minutes} minutes) and was dropped unprocessed; planned again"
+            ),
+        },
+    ).scalar_one()
+    return expired
 
 
 def release_unsent(

@@ -90,8 +90,9 @@ def start_retry(
 
     The task and its claims are committed before any message is sent, so a
     crash after the commit loses nothing: the claims expire after the lease
-    and the next request or sweep plans those items again. Entries that cannot
-    be sent release their claims right away.
+    and the next request or sweep plans those items again. Once sent, a claim
+    holds while its message waits in the queue, however long; entries that
+    cannot be sent release their claims right away.
 
     Raises:
         UnknownContentTypeError: a content type is unknown, or the list is empty.
@@ -106,6 +107,7 @@ def start_retry(
             content_types,
             owner=owner,
             claim_lease_minutes=deps.settings.claim_lease_minutes,
+            queue_retention_minutes=deps.settings.queue_retention_minutes,
         )
         task_id = None
         if plan.item_count:
@@ -121,10 +123,15 @@ def start_retry(
 
     sent = send_retry_messages(deps.sqs, queue_url, messages, sleep=deps.sleep)
     unsent_items = 0
-    if sent.failed:
-        first_error = next(iter(sent.failed.values()))
-        with deps.engine.begin() as connection:
+    first_error = next(iter(sent.failed.values()), "")
+    # The sent items' claims now hold while their messages wait in the queue, and
+    # the unsent ones are released: one transaction. A crash before it leaves
+    # the claims to their lease: items planned again, never lost.
+    with deps.engine.begin() as connection:
+        ledger.mark_sent(connection, task_id, sent.sent)
+        if sent.failed:
             unsent_items = ledger.release_unsent(connection, task_id, sent.failed, first_error)
+    if sent.failed:
         logger.error(
             "retry_messages_unsent",
             extra={"task_id": task_id, "concept_ids": sorted(sent.failed), "error": first_error},

@@ -65,13 +65,24 @@ class Settings(BaseModel):
     sweep_grace_minutes: Annotated[int, Field(ge=0)] = Field(
         default=30, alias="SWEEP_GRACE_MINUTES"
     )
-    sweep_max_roadmaps: Annotated[int, Field(ge=1, le=10_000)] = Field(
-        default=50, alias="SWEEP_MAX_ROADMAPS"
+    # The most roadmaps one sweep may take on; it plans as many of them as its
+    # invocation's time allows (SWEEP_RESERVE_SECONDS are kept for the rest).
+    sweep_max_roadmaps: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=10_000, alias="SWEEP_MAX_ROADMAPS"
     )
-    # How long a planned item stays claimed before another detect run may plan it
-    # again. It bounds how long a crash between commit and send delays a retry.
+    sweep_reserve_seconds: Annotated[int, Field(ge=1, le=600)] = Field(
+        default=10, alias="SWEEP_RESERVE_SECONDS"
+    )
+    # How long a planned item whose message was never sent stays claimed: it
+    # bounds how long a crash between commit and send delays a retry. An item
+    # whose message was sent stays claimed while the message can still be in
+    # the queue (RETRY_QUEUE_RETENTION_MINUTES), however deep the backlog.
     claim_lease_minutes: Annotated[int, Field(ge=1)] = Field(
         default=60, alias="CLAIM_LEASE_MINUTES"
+    )
+    # The retry queue's MessageRetentionPeriod, in minutes (a test holds them equal).
+    queue_retention_minutes: Annotated[int, Field(ge=1, le=20_160)] = Field(
+        default=5_760, alias="RETRY_QUEUE_RETENTION_MINUTES"
     )
 
     # The most one LLM call may take, botocore's retries included (at least

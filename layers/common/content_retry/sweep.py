@@ -1,4 +1,4 @@
-"""The schedule sweep: which roadmaps need work, planned by the one judge, a bounded number a run.
+"""The schedule sweep: which roadmaps need work, planned by the one judge, as many as time allows.
 
 Only roadmaps untouched for the grace period are considered (the platform may
 still be generating younger ones). Candidates come from partial indexes that
@@ -8,12 +8,15 @@ the size of the tables; the judge then decides each roadmap's items.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
+from content_retry import ledger
+from content_retry.claims import live_claim
 from content_retry.content_types import STORAGE
-from content_retry.observability import logger, traced
+from content_retry.observability import logger, metrics, traced
 from content_retry.plan import RoadmapNotFoundError
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry.settings import SettingsError
@@ -54,14 +57,17 @@ WITH candidates AS (
   UNION
 {_UNFINISHED_LATEST}
 )
-SELECT c.roadmap_id
+SELECT c.roadmap_id, count(*) OVER () AS candidates
 FROM candidates AS c
 LEFT JOIN roadmap_sweeps AS s USING (roadmap_id)
   -- Judged at most once a claim lease, least recently judged first.
 WHERE (s.swept_at IS NULL OR s.swept_at < now() - make_interval(mins => :lease_minutes))
-  -- A roadmap whose recent task (younger than a claim lease) still has items
-  -- open, or ended with failures, waits: its claims still hold, and an item
-  -- that keeps failing is not paid for again on every run.
+  -- A roadmap with items waiting in the queue waits too: however deep the
+  -- backlog, its claims hold, and judging it again would find nothing to do.
+  AND NOT EXISTS (
+    SELECT 1 FROM retry_items AS i WHERE i.roadmap_id = c.roadmap_id AND {live_claim("i")})
+  -- A roadmap whose recent task (younger than a claim lease) ended with
+  -- failures waits: an item that keeps failing is not paid for again every run.
   AND NOT EXISTS (
     SELECT 1 FROM retry_tasks AS t JOIN retry_items AS i ON i.task_id = t.task_id
     WHERE t.roadmap_id = c.roadmap_id
@@ -73,9 +79,8 @@ LIMIT :limit
 )
 
 _RECORD_SWEPT = text(
-    "INSERT INTO roadmap_sweeps (roadmap_id, swept_at) SELECT roadmap_id, now() "
-    "FROM unnest(CAST(:roadmap_ids AS text[])) AS judged(roadmap_id) "
-    "WHERE EXISTS (SELECT 1 FROM roadmap_metadata AS r WHERE r.roadmap_id = judged.roadmap_id) "
+    "INSERT INTO roadmap_sweeps (roadmap_id, swept_at) SELECT :roadmap_id, now() "
+    "WHERE EXISTS (SELECT 1 FROM roadmap_metadata WHERE roadmap_id = :roadmap_id) "
     "ON CONFLICT (roadmap_id) DO UPDATE SET swept_at = excluded.swept_at"
 )
 
@@ -85,6 +90,10 @@ class SweepOutcome:
     roadmaps_scanned: int = 0
     roadmaps_planned: int = 0
     retried_count: int = 0
+    # Candidates found but left for the next run (the invocation's time ran out).
+    backlog: int = 0
+    # Items whose message outlived the queue's retention: failed with why, planned again.
+    claims_expired: int = 0
     task_ids: list[str] = field(default_factory=list)
 
     def as_response(self) -> dict[str, int]:
@@ -95,51 +104,78 @@ class SweepOutcome:
         }
 
 
-def sweep(deps: DetectDependencies) -> SweepOutcome:
-    """Plan the retry of the roadmaps that need work, a bounded number per run.
+def sweep(
+    deps: DetectDependencies, seconds_left: Callable[[], float] = lambda: float("inf")
+) -> SweepOutcome:
+    """Plan the retry of the roadmaps that need work, as many as the invocation's time allows.
 
-    The least recently swept go first, each at most once a claim lease, and
-    the rest wait for the next run. Each roadmap is planned in its own
+    Claims whose messages outlived the queue's retention are ended first (the
+    items are then candidates again). The least recently swept roadmaps go
+    first, each at most once a claim lease; planning stops when less than
+    ``SWEEP_RESERVE_SECONDS`` are left, and what is left waits for the next
+    run (the ``SweepBacklog`` metric). Each roadmap is planned in its own
     transaction, so one failure does not undo the others.
     """
     with traced("sweep"):
-        return _sweep(deps)
-
-
-def _sweep(deps: DetectDependencies) -> SweepOutcome:
-    settings = deps.settings
-    with deps.engine.begin() as connection:
-        candidates = list(
-            connection.execute(
-                _SWEEP_CANDIDATES,
-                {
-                    "grace_minutes": settings.sweep_grace_minutes,
-                    "lease_minutes": settings.claim_lease_minutes,
-                    "limit": settings.sweep_max_roadmaps,
-                },
-            ).scalars()
-        )
-        # Recorded before judging: a roadmap whose planning fails still waits
-        # its turn instead of blocking every later run.
-        if candidates:
-            connection.execute(_RECORD_SWEPT, {"roadmap_ids": candidates})
-    outcome = SweepOutcome()
-    for roadmap_id in candidates:
-        outcome.roadmaps_scanned += 1
-        try:
-            result = start_retry(deps, roadmap_id, trigger="sweep")
-        except RoadmapNotFoundError:  # deleted since it was selected
-            continue
-        except SettingsError:  # the same for every roadmap: the sweep cannot run
-            raise
-        except Exception:
-            # One roadmap that cannot be planned must not stop the sweep; the
-            # error is logged with its roadmap, and it waits for its next turn.
-            logger.exception("retry_sweep_roadmap_failed", extra={"roadmap_id": roadmap_id})
-            continue
-        if result.task_id is not None:
-            outcome.roadmaps_planned += 1
-            outcome.retried_count += result.retried_count
-            outcome.task_ids.append(result.task_id)
-    logger.info("retry_sweep_finished", extra=outcome.as_response())
+        outcome = _sweep(deps, seconds_left)
+    metrics.add_metric(name="SweepBacklog", unit="Count", value=outcome.backlog)
+    if outcome.claims_expired:
+        metrics.add_metric(name="ClaimsExpired", unit="Count", value=outcome.claims_expired)
+    logger.info(
+        "retry_sweep_finished",
+        extra={
+            **outcome.as_response(),
+            "backlog": outcome.backlog,
+            "claims_expired": outcome.claims_expired,
+        },
+    )
     return outcome
+
+
+def _sweep(deps: DetectDependencies, seconds_left: Callable[[], float]) -> SweepOutcome:
+    settings = deps.settings
+    outcome = SweepOutcome()
+    with deps.engine.begin() as connection:
+        outcome.claims_expired = ledger.expire_unseen_claims(
+            connection, settings.queue_retention_minutes
+        )
+        rows = connection.execute(
+            _SWEEP_CANDIDATES,
+            {
+                "grace_minutes": settings.sweep_grace_minutes,
+                "lease_minutes": settings.claim_lease_minutes,
+                "retention_minutes": settings.queue_retention_minutes,
+                "limit": settings.sweep_max_roadmaps,
+            },
+        ).all()
+    candidates = [row.roadmap_id for row in rows]
+    total = rows[0].candidates if rows else 0
+    for roadmap_id in candidates:
+        if seconds_left() < settings.sweep_reserve_seconds:
+            break
+        outcome.roadmaps_scanned += 1
+        _plan_one(deps, roadmap_id, outcome)
+    outcome.backlog = total - outcome.roadmaps_scanned
+    return outcome
+
+
+def _plan_one(deps: DetectDependencies, roadmap_id: str, outcome: SweepOutcome) -> None:
+    # Recorded before judging: a roadmap whose planning fails still waits its
+    # turn instead of blocking every later run.
+    with deps.engine.begin() as connection:
+        connection.execute(_RECORD_SWEPT, {"roadmap_id": roadmap_id})
+    try:
+        result = start_retry(deps, roadmap_id, trigger="sweep")
+    except RoadmapNotFoundError:  # deleted since it was selected
+        return
+    except SettingsError:  # the same for every roadmap: the sweep cannot run
+        raise
+    except Exception:
+        # One roadmap that cannot be planned must not stop the sweep; the
+        # error is logged with its roadmap, and it waits for its next turn.
+        logger.exception("retry_sweep_roadmap_failed", extra={"roadmap_id": roadmap_id})
+        return
+    if result.task_id is not None:
+        outcome.roadmaps_planned += 1
+        outcome.retried_count += result.retried_count
+        outcome.task_ids.append(result.task_id)

@@ -15,16 +15,15 @@ from functools import cache
 
 from sqlalchemy import Connection, TextClause, text
 
+from content_retry.claims import live_claim
 from content_retry.concepts import MAX_ID_LENGTH, Concept
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
 from content_retry.observability import logger, traced
 from content_retry.plan.models import ConceptPlan, PlannedItem, Reason, RetryPlan
 from content_retry.roadmaps import array_or_empty, lock_roadmap, patch_concept_statuses
 from content_retry.statuses import (
-    CLAIMING_STATUSES,
     ContentStatus,
     FrameworkStatus,
-    sql_list,
 )
 
 
@@ -108,11 +107,9 @@ WITH concepts AS (
 wanted(content_type, status_key, position) AS (VALUES {wanted}),
 latest AS ({latest}),
 claims AS (
-  SELECT DISTINCT concept_id, content_type
-  FROM retry_items
-  WHERE roadmap_id = :roadmap_id
-    AND status IN ({sql_list(CLAIMING_STATUSES)})
-    AND claimed_at > now() - make_interval(mins => :lease_minutes)
+  SELECT DISTINCT i.concept_id, i.content_type
+  FROM retry_items AS i
+  WHERE i.roadmap_id = :roadmap_id AND {live_claim("i")}
 )
 SELECT w.content_type, c.concept_id,
        c.concept ->> 'name' AS name, c.concept ->> 'description' AS description,
@@ -142,6 +139,7 @@ def build_retry_plan(
     *,
     owner: str | None = None,
     claim_lease_minutes: int = 60,
+    queue_retention_minutes: int = 5_760,
 ) -> RetryPlan:
     """Plan the retry of one roadmap: every item that needs it, with its reason.
 
@@ -155,8 +153,10 @@ def build_retry_plan(
         roadmap_id: the roadmap to plan.
         content_types: names of the content types to consider; ``None`` for all.
         owner: when given, the roadmap must belong to this user.
-        claim_lease_minutes: claims older than this are expired and no longer
-            hold their items back.
+        claim_lease_minutes: a claim whose message was never sent holds its item
+            back this long after it was planned or started.
+        queue_retention_minutes: a claim whose message was sent holds its item
+            back while the message can still be in the queue.
 
     Raises:
         UnknownContentTypeError: a content type is unknown, or the list is empty.
@@ -164,7 +164,11 @@ def build_retry_plan(
     """
     with traced("judge", roadmap_id=roadmap_id):
         return _plan(
-            connection, roadmap_id, parse_content_types(content_types), owner, claim_lease_minutes
+            connection,
+            roadmap_id,
+            parse_content_types(content_types),
+            owner,
+            {"lease_minutes": claim_lease_minutes, "retention_minutes": queue_retention_minutes},
         )
 
 
@@ -173,7 +177,7 @@ def _plan(
     roadmap_id: str,
     types: tuple[ContentType, ...],
     owner: str | None,
-    claim_lease_minutes: int,
+    claim_terms: dict[str, int],
 ) -> RetryPlan:
     roadmap = lock_roadmap(connection, roadmap_id)
     if roadmap is None or (owner is not None and roadmap.user_id != owner):
@@ -181,7 +185,7 @@ def _plan(
 
     rows = connection.execute(
         _state_query(types),
-        {"roadmap_id": roadmap_id, "lease_minutes": claim_lease_minutes},
+        {"roadmap_id": roadmap_id, **claim_terms},
     )
 
     judged = _Judged()
