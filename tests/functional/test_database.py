@@ -14,6 +14,7 @@ from moto import mock_aws
 from sqlalchemy import Connection, make_url, text
 
 from content_retry.database import build_engine
+from content_retry.database.driver import remembering
 from content_retry.database.engine import (
     iam_connect_params,
     normalise_database_url,
@@ -223,3 +224,79 @@ def test_importing_the_handlers_opens_no_connection_and_creates_no_client() -> N
     # THEN nothing was created: import succeeds without a reachable database or AWS
     assert run.returncode == 0, run.stderr
     assert "clean import" in run.stdout
+
+
+TRICKY_STATEMENTS = [
+    "SELECT %s",
+    "SELECT '%%s is not a parameter', %s",
+    "SELECT E'it\\'s %s', %s -- a comment with %s\n, %s",
+    'SELECT "odd %s name" FROM t WHERE a = %s AND b LIKE %s',
+    "SELECT $$ %s inside dollars $$, %s, 10 %% 3",
+    "SELECT x::text FROM t WHERE y = %s",
+]
+
+
+@pytest.mark.parametrize("statement", TRICKY_STATEMENTS)
+def test_remembered_conversions_are_pg8000s_own(statement: str) -> None:
+    from pg8000.dbapi import convert_paramstyle
+
+    remembered = remembering(convert_paramstyle)
+    args = ("a", 1, None)
+
+    # THEN the first and the remembered answers are pg8000's, parameters passed as given
+    assert remembered("format", statement, args) == convert_paramstyle("format", statement, args)
+    assert remembered("format", statement, args) == convert_paramstyle("format", statement, args)
+
+
+def test_each_statement_text_is_scanned_once_and_bad_ones_fail_every_time() -> None:
+    from pg8000.dbapi import convert_paramstyle
+    from pg8000.exceptions import InterfaceError
+
+    scans: list[str] = []
+
+    def counting(style: str, query: str, args: Any) -> tuple[str, Any]:
+        scans.append(style)
+        converted: tuple[str, Any] = convert_paramstyle(style, query, args)
+        return converted
+
+    remembered = remembering(counting)
+
+    # WHEN the same text runs with different parameters, and other styles pass through
+    first = remembered("format", "SELECT %s, %s", (1, 2))
+    second = remembered("format", "SELECT %s, %s", (3, 4))
+    named = remembered("named", "SELECT :a", {"a": 5})
+
+    # THEN the text was scanned once; each call got its own parameters
+    assert (first, second) == (("SELECT $1, $2", (1, 2)), ("SELECT $1, $2", (3, 4)))
+    assert named == ("SELECT $1", (5,))
+    assert scans == ["format", "named"]
+    # and a text pg8000 rejects is rejected every time (errors are not remembered)
+    for _ in range(2):
+        with pytest.raises(InterfaceError, match="Only %s and %% are supported"):
+            remembered("format", "SELECT %d", (1,))
+
+
+def test_the_engine_remembers_conversions_and_still_binds_each_calls_values(
+    database_url: str,
+) -> None:
+    import pg8000.legacy
+
+    # GIVEN an engine (which installs the remembered conversion, once however many engines)
+    engine = build_engine(Settings(DATABASE_URL=database_url))
+    build_engine(Settings(DATABASE_URL=database_url)).dispose()
+    conversion = pg8000.legacy.convert_paramstyle
+    assert getattr(conversion, "remembered", False)
+    statement = text("SELECT CAST(:a AS text) || '-%' || CAST(:b AS int)  /* remembered */")
+
+    # WHEN one statement text runs with different values
+    with engine.connect() as connection:
+        results = [
+            connection.execute(statement, {"a": a, "b": b}).scalar_one()
+            for a, b in [("x", 1), ("y", 2), ("z", 3)]
+        ]
+    engine.dispose()
+
+    # THEN each call bound its own values, from one remembered text
+    assert results == ["x-%1", "y-%2", "z-%3"]
+    assert pg8000.legacy.convert_paramstyle is conversion
+    assert conversion.cache_info().hits >= 2

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 
+from content_retry.database.driver import remember_statement_conversions
 from content_retry.settings import Settings, SettingsError, get_settings
 
 ConnectParams = dict[str, Any]
@@ -160,6 +161,7 @@ def build_engine(
     Raises:
         SettingsError: the settings describe no database.
     """
+    remember_statement_conversions()
     pool_args: dict[str, Any] = {
         "pool_size": pool_size,
         "max_overflow": 0,
