@@ -83,6 +83,15 @@ def content_indexes(storage: ContentStorage) -> list[PipelineIndex]:
             "(roadmap_id, concept_id) WHERE is_latest",
             unique=True,
         ),
+        # A saved version is numbered after every version the concept has, the
+        # old ones included (an item lost from the latest row may have history):
+        # without this the save reads the whole table for that maximum, an
+        # index lookup with it. The contract's tables have no other index here.
+        PipelineIndex(
+            f"{storage.table}_versions_per_concept",
+            storage.table,
+            "(roadmap_id, concept_id, content_version)",
+        ),
         # The sweep's second source of candidates: roadmaps whose latest row is
         # not completed, whatever framework_data says. Only such rows are indexed.
         PipelineIndex(

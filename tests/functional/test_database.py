@@ -13,6 +13,8 @@ import pytest
 from moto import mock_aws
 from sqlalchemy import Connection, make_url, text
 
+from content_retry.content_store import _save_statement
+from content_retry.content_types import STORAGE, ContentType
 from content_retry.database import build_engine
 from content_retry.database.driver import remembering
 from content_retry.database.engine import (
@@ -58,6 +60,33 @@ def test_one_latest_row_per_concept_is_enforced(connection: Connection) -> None:
     connection.execute(insert)
     with pytest.raises(Exception, match="tutorials_one_latest_per_concept"):
         connection.execute(insert)
+
+
+@pytest.mark.parametrize("content_type", list(ContentType))
+def test_the_save_numbers_versions_from_an_index_not_a_table_scan(
+    connection: Connection, content_type: ContentType
+) -> None:
+    # The save reads the concept's highest version over all its rows, history
+    # included; on a platform table of millions of rows a scan there would cost
+    # every save. Scans are priced out, so a missing index shows as a Seq Scan.
+    connection.execute(text("SET LOCAL enable_seqscan = off"))
+    params = {
+        "task_id": "00000000-0000-0000-0000-000000000001",
+        "concept_id": "c",
+        "content_type": content_type.value,
+        "roadmap_id": "r",
+        "title": "t",
+        "payload": "{}",
+        "llm_calls": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+    }
+    explain = text(f"EXPLAIN {_save_statement(content_type).text}")  # nosec B608 - ours
+    plan = "\n".join(row[0] for row in connection.execute(explain, params))
+
+    table = STORAGE[content_type].table
+    assert f"Seq Scan on {table}" not in plan, plan
+    assert f"{table}_versions_per_concept" in plan, plan
 
 
 def test_engine_holds_one_connection_and_reconnects_after_it_is_killed(database_url: str) -> None:

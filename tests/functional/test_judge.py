@@ -263,6 +263,20 @@ def test_malformed_framework_parts_are_skipped_not_fatal(connection: Connection)
     assert [(c.concept_id, c.stage, c.module) for c, _ in plan.items] == [("c1", "ok", "m")]
 
 
+def test_concepts_whose_ids_no_message_can_carry_are_left_out(connection: Connection) -> None:
+    # An empty id or one over MAX_ID_LENGTH would make a message the worker
+    # refuses: the judge leaves the concept out and plans the others.
+    concepts = [{"concept_id": ""}, {"concept_id": "x" * 1_025}, {"concept_id": "c1"}]
+    framework = {"stages": [{"name": "s", "modules": [{"name": "m", "concepts": concepts}]}]}
+    insert_roadmap(connection, "r1", "u-1", framework)
+    connection.commit()
+
+    plan = build_retry_plan(connection, "r1")
+
+    assert {concept.concept_id for concept, _ in plan.items} == {"c1"}
+    assert plan.item_count == 3
+
+
 def test_a_2000_concept_roadmap_is_planned_in_at_most_3_queries(
     connection: Connection, count_statements: Any
 ) -> None:

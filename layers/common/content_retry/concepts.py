@@ -42,11 +42,15 @@ class Concept(BaseModel):
 
         Texts are clipped to the model's limits and a concept without a name
         is named by its id, so every concept the judge plans gets content.
-        Built without re-validation: the judge makes thousands of these, and
-        clipping already holds every constraint (an id longer than
-        :data:`MAX_ID_LENGTH` never reaches here: the plan skips it).
+        Validated all the same (pydantic-core does it faster than
+        ``model_construct`` skips it, and the judge builds thousands): what
+        no clipping can fix is refused here rather than by the worker.
+
+        Raises:
+            ValueError: the id is empty or longer than :data:`MAX_ID_LENGTH`,
+                so no retry message can carry the concept.
         """
-        return cls.model_construct(
+        return cls(
             concept_id=concept_id,
             name=_clip(name or concept_id, MAX_NAME_LENGTH),
             description=_clip_optional(description),

@@ -1,4 +1,5 @@
-"""A batch's records as the worker takes them: parsed, deduplicated, started in the ledger.
+"""A batch's records as the worker takes them: parsed, deduplicated, started in the
+ledger, and what each still needs (generation, or the content it carries).
 
 Starting every item of the batch in one statement, before any LLM call,
 counts an attempt and renews each claim, and tells which items need no
@@ -17,6 +18,8 @@ from pydantic import ValidationError
 from content_retry import ledger
 from content_retry.content_types import ContentType
 from content_retry.database import DATABASE_ERRORS, BatchConnection
+from content_retry.generated import ContentModel
+from content_retry.generation import ItemToGenerate
 from content_retry.ledger import DeliveredItem, ItemKey, StartedItem
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger
@@ -39,6 +42,57 @@ class Delivery:
     def not_planned(self) -> list[ContentType]:
         """Items the ledger has no entry for: the pipeline's judge never planned them."""
         return [ct for ct, item in self.started.items() if item.status_before is None]
+
+    @property
+    def ended_items(self) -> list[ContentType]:
+        """Items ended for their task already (a redelivery, or saved by someone else)."""
+        return [ct for ct, item in self.started.items() if item.already_done]
+
+    @property
+    def open_items(self) -> list[ContentType]:
+        """Items this delivery still has to settle."""
+        return [ct for ct, item in self.started.items() if not item.already_done]
+
+    def items_to_generate(self) -> list[ItemToGenerate]:
+        """Open items the message carries no content for (nor content set aside)."""
+        carried = self.message.generated if self.message is not None else None
+        return [
+            ItemToGenerate(content_type, item.attempts)
+            for content_type, item in self.started.items()
+            if not item.already_done
+            and (
+                carried is None
+                or (carried.get(content_type) is None and content_type not in carried.unusable)
+            )
+        ]
+
+    def carried_content(self) -> dict[ContentType, ContentModel]:
+        """The content a (re-driven) message carries for its open items: saved
+        without an LLM call."""
+        carried = self.message.generated if self.message is not None else None
+        if carried is None:
+            return {}
+        return {
+            content_type: content
+            for content_type in self.open_items
+            if (content := carried.get(content_type)) is not None
+        }
+
+    def carried_unusable(self) -> dict[ContentType, str]:
+        """Open items whose carried content cannot be used: each fails for good.
+
+        Content the database cannot store fails the same way however often it is
+        tried (or re-driven); the message's other items are saved all the same.
+        """
+        carried = self.message.generated if self.message is not None else None
+        if carried is None:
+            return {}
+        open_items = self.open_items
+        return {
+            content_type: f"the content carried in the message cannot be used: {reason}"
+            for content_type, reason in carried.unusable.items()
+            if content_type in open_items
+        }
 
 
 @dataclass

@@ -38,12 +38,7 @@ from content_retry.costs import ItemCost
 from content_retry.database import DATABASE_ERRORS, BatchConnection
 from content_retry.deliveries import Deliveries, Delivery, item_keys, prepare_deliveries
 from content_retry.generated import ContentModel, GeneratedContent
-from content_retry.generation import (
-    BatchGeneration,
-    ItemToGenerate,
-    MessageGeneration,
-    MessageRequest,
-)
+from content_retry.generation import BatchGeneration, MessageGeneration, MessageRequest
 from content_retry.generators import ContentGenerator, TransientGenerationError
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger, metrics, record_llm_costs, traced
@@ -167,17 +162,10 @@ class RetryBatch:
             detail = f"no ledger entry for {', '.join(unknown)}"
             self._dead_letter(message.to_body(), "not_planned", detail, items=len(unknown))
             return None
-        carried = message.generated
-        to_generate = []
-        for item in message.items:
-            state = delivery.started[item.content_type]
-            if state.already_done:
-                logger.info("retry_item_skipped", extra={"content_type": item.content_type.value})
-            elif carried is None or (
-                carried.get(item.content_type) is None and item.content_type not in carried.unusable
-            ):
-                to_generate.append(ItemToGenerate(item.content_type, state.attempts))
-        if not to_generate and not self._provided(delivery) and not self._unusable(delivery):
+        for content_type in delivery.ended_items:
+            logger.info("retry_item_skipped", extra={"content_type": content_type.value})
+        to_generate = delivery.items_to_generate()
+        if not to_generate and not delivery.carried_content() and not delivery.carried_unusable():
             return None
         return MessageRequest(
             message_id,
@@ -187,33 +175,6 @@ class RetryBatch:
             message.preferences,
             to_generate,
         )
-
-    def _provided(self, delivery: Delivery) -> dict[ContentType, ContentModel]:
-        """The content a (re-driven) message carries for its items still open."""
-        message = delivery.message
-        if message is None or message.generated is None:
-            return {}
-        return {
-            content_type: content
-            for content_type, started in delivery.started.items()
-            if not started.already_done
-            and (content := message.generated.get(content_type)) is not None
-        }
-
-    def _unusable(self, delivery: Delivery) -> dict[ContentType, str]:
-        """Items still open whose carried content cannot be used: each fails for good.
-
-        Content the database cannot store fails the same way however often it is
-        tried (or re-driven); the message's other items are saved all the same.
-        """
-        message = delivery.message
-        if message is None or message.generated is None:
-            return {}
-        return {
-            content_type: f"the content carried in the message cannot be used: {reason}"
-            for content_type, reason in message.generated.unusable.items()
-            if content_type in delivery.started and not delivery.started[content_type].already_done
-        }
 
     def _generate_and_save(self, requests: list[MessageRequest]) -> None:
         generation = BatchGeneration(
@@ -242,7 +203,7 @@ class RetryBatch:
 
     def _finish(self, message: RetryMessage, delivery: Delivery, result: MessageGeneration) -> None:
         """Save what one message's generation came to; raise to send the record back."""
-        provided = self._provided(delivery)
+        provided = delivery.carried_content()
         logger.info(
             "retry_item_started",
             extra={
@@ -252,7 +213,7 @@ class RetryBatch:
             },
         )
         to_save = {**provided, **result.generated}
-        failed_for_good = {**self._unusable(delivery), **result.failed_for_good}
+        failed_for_good = {**delivery.carried_unusable(), **result.failed_for_good}
         costs = {
             key: result.costs[key.content_type]
             for key in item_keys(message)
@@ -338,8 +299,9 @@ class RetryBatch:
         error: TransientGenerationError,
         costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
-        open_items = [ct for ct, item in delivery.started.items() if not item.already_done]
-        self._record_best_effort(message, open_items, ItemStatus.RUNNING, str(error), costs)
+        self._record_best_effort(
+            message, delivery.open_items, ItemStatus.RUNNING, str(error), costs
+        )
         logger.warning("retry_item_will_retry", extra={"error": str(error)})
 
     def _record_best_effort(

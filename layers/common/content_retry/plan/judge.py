@@ -16,7 +16,7 @@ from functools import cache
 from sqlalchemy import Connection, TextClause, text
 
 from content_retry.claims import live_claim
-from content_retry.concepts import MAX_ID_LENGTH, Concept
+from content_retry.concepts import Concept
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
 from content_retry.observability import logger, traced
 from content_retry.plan.models import ConceptPlan, PlannedItem, Reason, RetryPlan
@@ -59,17 +59,24 @@ def judge_item(framework_status: str | None, latest_status: str | None, claimed:
     live claim. Framework status alone never decides; it only names the reason.
     """
     if latest_status == ContentStatus.COMPLETED:
-        return Judgement(
-            Decision.COMPLETED,
-            repair_framework_status=framework_status in (None, FrameworkStatus.FAILED),
-        )
+        if framework_status is None or framework_status == FrameworkStatus.FAILED:
+            return _COMPLETED_TO_REPAIR
+        return _COMPLETED
     if claimed:
-        return Judgement(Decision.CLAIMED)
+        return _CLAIMED
     if framework_status == FrameworkStatus.FAILED or latest_status == ContentStatus.FAILED:
-        return Judgement(Decision.RETRY, Reason.FAILED)
+        return _RETRY[Reason.FAILED]
     if framework_status == FrameworkStatus.PROCESSING:
-        return Judgement(Decision.RETRY, Reason.STALE)
-    return Judgement(Decision.RETRY, Reason.MISSING)
+        return _RETRY[Reason.STALE]
+    return _RETRY[Reason.MISSING]
+
+
+# Judgements are immutable and few: shared rather than built for each of the
+# thousands of items a large roadmap's plan decides.
+_COMPLETED = Judgement(Decision.COMPLETED)
+_COMPLETED_TO_REPAIR = Judgement(Decision.COMPLETED, repair_framework_status=True)
+_CLAIMED = Judgement(Decision.CLAIMED)
+_RETRY = {reason: Judgement(Decision.RETRY, reason) for reason in Reason}
 
 
 @cache
@@ -223,7 +230,7 @@ class _Judged:
     # {concept_id: {status_key: status}}: framework statuses to repair.
     repairs: dict[str, dict[str, str]] = field(default_factory=dict)
     claimed: int = 0
-    # Concepts whose ids are too long for any retry message.
+    # Concepts whose ids no retry message can carry (empty, or too long).
     unplannable: set[str] = field(default_factory=set)
     _seen: set[tuple[str, str]] = field(default_factory=set)
 
@@ -251,12 +258,14 @@ class _Judged:
         if judgement.decision is Decision.CLAIMED:
             self.claimed += 1
         elif judgement.decision is Decision.RETRY and judgement.reason is not None:
-            if len(concept_id) > MAX_ID_LENGTH:
-                self.unplannable.add(concept_id)
-                return
             concept = self.concepts.get(concept_id)
             if concept is None:
-                concept = self.concepts[concept_id] = ConceptPlan(
-                    Concept.from_framework(concept_id, name, description, stage, module)
-                )
+                if concept_id in self.unplannable:
+                    return
+                try:
+                    built = Concept.from_framework(concept_id, name, description, stage, module)
+                except ValueError:  # no retry message can carry its id
+                    self.unplannable.add(concept_id)
+                    return
+                concept = self.concepts[concept_id] = ConceptPlan(built)
             concept.items.append(PlannedItem(content_type, judgement.reason))
