@@ -42,7 +42,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help=f"benchmarks to run ({', '.join(BENCHMARKS)}; default: all)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="fewer rounds, fewer extras (about 30 s instead of 90)"
+        "--quick",
+        action="store_true",
+        help="fewer rounds, fewer extras: a quick look, not the figures of record",
     )
     args = parser.parse_args(argv)
     args.ids = [name.upper() for name in args.ids] or list(BENCHMARKS)
