@@ -64,7 +64,7 @@ def ensure_background_moto(state_dir: Path) -> str:
     state_file = state_dir / "moto.json"
     if state_file.exists():
         state = json.loads(state_file.read_text())
-        if _alive(state["pid"]) and _answers(state["port"]):
+        if _is_our_moto(state["pid"], state["port"]) and _answers(state["port"]):
             return f"http://127.0.0.1:{state['port']}"
     state_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -91,16 +91,29 @@ def stop_background_moto(state_dir: Path) -> bool:
         return False
     state = json.loads(state_file.read_text())
     state_file.unlink()
-    if not _alive(state["pid"]):
+    # The file can outlive the server (a reboot), and its pid be another's since.
+    if not _is_our_moto(state["pid"], state["port"]):
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(state["pid"], signal.SIGTERM)
     return True
 
 
-def _alive(pid: int) -> bool:
+def _is_our_moto(pid: int, port: int) -> bool:
+    """Whether ``pid`` is still the moto server started on ``port``: a process
+    id is given to another process once its own has ended."""
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        command = raw.replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # no /proc (macOS), or no such process
+        try:
+            command = subprocess.run(  # noqa: S603
+                ["ps", "-o", "args=", "-p", str(int(pid))],  # noqa: S607 - the system's ps
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=5,
+            ).stdout  # nosec B603 B607
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return "moto.server" in command and f"-p {port}" in command

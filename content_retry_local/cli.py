@@ -38,7 +38,7 @@ def _describe(environment: object) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from content_retry_local.demo import run_demo
-    from content_retry_local.environment import given_targets, local_environment
+    from content_retry_local.environment import LOCAL_STATE_DIR, given_targets, local_environment
 
     given = given_targets()
     if given:
@@ -57,7 +57,11 @@ def _demo(args: argparse.Namespace) -> int:
     # The demo narrates what the handlers do; their own events are for --verbose.
     _quiet_handlers(args.verbose, level="CRITICAL")
     print("content-retry demo: the seed's failure and its repair, on this machine")
-    with local_environment(aws="thread", llm_latency=args.llm_latency) as environment:
+    # A database of its own: its sweep plans every roadmap it finds, and the
+    # other local commands' database may hold roadmaps someone put there.
+    with local_environment(
+        aws="thread", state_dir=LOCAL_STATE_DIR / "demo", llm_latency=args.llm_latency
+    ) as environment:
         print(
             f"   database: {environment.database}, AWS: {environment.aws}, LLM: {environment.llm}\n"
         )
@@ -113,12 +117,24 @@ def _drain(args: argparse.Namespace) -> int:
                 f" ({report.succeeded}/{total} done so far)"
             )
 
-        report = drain(sqs, queue_url, batch_size=args.batch_size, on_batch=progress)
+        real_queue = environment.aws == "given"
+        report = drain(
+            sqs,
+            queue_url,
+            batch_size=args.batch_size,
+            on_batch=progress,
+            real_queue=real_queue,
+        )
         dlq = queue_depth(sqs, settings.require("retry_dlq_url"))
     print(
         f"drained: {report.received} received in {report.batches} batch(es), "
         f"{report.succeeded} done, {report.failed} failed; dead-letter queue: {dlq}"
     )
+    if real_queue and report.failed:
+        print(
+            "the failed records come back after the queue's visibility timeout, as with Lambda; "
+            "drain again then"
+        )
     return 0
 
 
@@ -128,7 +144,8 @@ def _redrive(args: argparse.Namespace) -> int:
     from content_retry_local.environment import local_environment
     from content_retry_local.lambda_runtime import redrive
 
-    with local_environment() as environment:
+    # Only queue messages move: no database is needed, or started.
+    with local_environment(database=False) as environment:
         _describe(environment)
         settings = get_settings()
         report = redrive(
@@ -303,14 +320,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
+    from botocore.exceptions import NoCredentialsError
+
     from content_retry.settings import SettingsError
+    from content_retry_local.environment import MixedTargetsError
     from content_retry_local.project import ProjectNotFoundError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (SettingsError, ProjectNotFoundError) as exc:
+    except (SettingsError, ProjectNotFoundError, MixedTargetsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NoCredentialsError:
+        print(
+            "error: no AWS credentials found for the given AWS targets (set AWS_PROFILE, or "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -28,7 +28,7 @@ LOCAL_MODEL_ID = "local.content-retry-demo-v1"
 
 @dataclass
 class LocalEnvironment:
-    database: str  # "embedded" or "given"
+    database: str  # "embedded", "given" or "none"
     aws: str  # "moto (this process)", "moto (background)", "given" or "none"
     llm: str = "as configured"  # or the local Bedrock this process started
 
@@ -53,6 +53,38 @@ def given_targets() -> list[str]:
     return [name for name, value in given.items() if value]
 
 
+class MixedTargetsError(ValueError):
+    """A database and queues from two different worlds: one given, one local."""
+
+
+def mixed_targets_problem() -> str | None:
+    """Why the given variables point the commands at half a deployment, or None.
+
+    The ledger and the queue must be the same deployment's: detect claims
+    items in the database for messages it sends to the queue, and the worker
+    saves each message's items where they were planned. A real database with
+    a local queue would hold real items claimed for messages no real worker
+    will see; a real queue with the embedded database would have the worker
+    dead-letter every real message as never planned.
+    """
+    given = given_targets()
+    database = [name for name in ("DATABASE_URL", "DB_AUTH") if name in given]
+    queues = [name for name in given if name not in database]
+    if bool(database) == bool(queues):
+        return None
+    if database:
+        return (
+            f"{', '.join(database)} is set but no queues are (RETRY_QUEUE_URL and RETRY_DLQ_URL, "
+            "or AWS_ENDPOINT_URL): the command would claim that database's items for messages "
+            "sent to a local queue. Give the database's own queues too, or neither."
+        )
+    return (
+        f"{', '.join(queues)} is set but no database is (DATABASE_URL, or DB_AUTH and DB_*): "
+        "the command would run those queues' messages against the embedded PostgreSQL, "
+        "which never planned them. Give the queues' own database too, or neither."
+    )
+
+
 def _set(**values: str) -> None:
     os.environ.update(values)
     get_settings.cache_clear()
@@ -62,19 +94,28 @@ def _set(**values: str) -> None:
 def local_environment(
     *,
     aws: str = "background",
+    database: bool = True,
     state_dir: Path = LOCAL_STATE_DIR,
     llm_latency: float | None = None,
 ) -> Iterator[LocalEnvironment]:
-    """Make a database and (unless ``aws="none"``) SQS reachable for this process.
+    """Make a database (unless ``database=False``) and SQS (unless ``aws="none"``)
+    reachable for this process.
 
     Args:
         aws: ``"thread"`` runs moto in this process and stops it on exit;
             ``"background"`` shares one moto server between commands;
             ``"none"`` needs no AWS.
+        database: False for a command that only moves queue messages.
         llm_latency: when given, the generate function calls Bedrock
             (``CONTENT_GENERATOR=bedrock``), served by a local Bedrock in this
             process that takes this many seconds a call.
+
+    Raises:
+        MixedTargetsError: a command needing both was given one of them only
+            (checked before anything starts).
     """
+    if database and aws != "none" and (problem := mixed_targets_problem()):
+        raise MixedTargetsError(problem)
     from content_retry.aws import bedrock_runtime_client, client
     from content_retry.database import get_engine
     from content_retry.generators import get_generator
@@ -82,8 +123,8 @@ def local_environment(
     from content_retry_local.schema import upgrade
 
     settings = get_settings()
-    described = LocalEnvironment(database="given", aws="given")
-    if not settings.database_url and not settings.db_auth:
+    described = LocalEnvironment(database="given" if database else "none", aws="given")
+    if database and not settings.database_url and not settings.db_auth:
         _set(DATABASE_URL=start_embedded_postgres(state_dir / "pgdata"))
         described.database = "embedded"
         # Its own database is kept current; a given one is upgraded only by

@@ -153,19 +153,24 @@ def drain(
     max_batches: int = 10_000,
     on_batch: Callable[[DrainReport, int, int], None] | None = None,
     deps: Any = None,
+    real_queue: bool = False,
 ) -> DrainReport:
     """Lambda's SQS poller, locally: receive, invoke generate, delete what succeeded.
 
-    Records the handler reports failed are left to the queue: made visible
-    again at once (Lambda would wait out the visibility timeout), so SQS's
+    Records the handler reports failed are left to the queue, so SQS's
     redrive policy moves a record that keeps failing to the DLQ after
-    maxReceiveCount receives. Stops when the queue is empty.
+    maxReceiveCount receives. On a local queue they are made visible again at
+    once, so a drain sees them through; on a real one (``real_queue``) they
+    wait out the visibility timeout, as with Lambda: retried at once, a
+    throttled LLM would use up every receive in seconds. Stops when the queue
+    shows no message (a real queue is long-polled, which short polling can miss).
 
     Args:
         batch_size: records per invocation; default the template's BatchSize.
         on_batch: called after each batch with the report so far, the batch's
             size and its failures (progress display).
         deps: the generate handler's dependencies, when not the process's own.
+        real_queue: the queue is not one this machine runs.
     """
     if batch_size is None:
         event = resource("GenerateFunction")["Properties"]["Events"]["RetryMessages"]
@@ -178,7 +183,7 @@ def drain(
         messages = sqs.receive_message(
             QueueUrl=queue_url,
             MaxNumberOfMessages=batch_size,
-            WaitTimeSeconds=0,
+            WaitTimeSeconds=REAL_QUEUE_WAIT_SECONDS if real_queue else 0,
             AttributeNames=["All"],
             MessageAttributeNames=["All"],
         ).get("Messages", [])
@@ -196,7 +201,7 @@ def drain(
                 ],
             )
         for message in messages:
-            if message["MessageId"] in failed_ids:
+            if message["MessageId"] in failed_ids and not real_queue:
                 sqs.change_message_visibility(
                     QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
                 )
@@ -207,6 +212,10 @@ def drain(
         if on_batch:
             on_batch(report, len(messages), len(failed_ids))
     return report
+
+
+# Long polling on a real queue: an empty answer then means an empty queue.
+REAL_QUEUE_WAIT_SECONDS = 2
 
 
 def queue_depth(sqs: Any, queue_url: str) -> int:
@@ -261,7 +270,8 @@ def redrive(
         messages = sqs.receive_message(
             QueueUrl=dlq_url,
             MaxNumberOfMessages=10,
-            WaitTimeSeconds=0,
+            # use_move_task is asked for against AWS, which short polling can miss
+            WaitTimeSeconds=REAL_QUEUE_WAIT_SECONDS if use_move_task else 0,
             MessageAttributeNames=["All"],
         ).get("Messages", [])
         if not messages:

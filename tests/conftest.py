@@ -1,6 +1,8 @@
 """Test fixtures: a real PostgreSQL for the whole session, emptied after each test.
 
-``TEST_DATABASE_URL`` names the server when set; otherwise an embedded
+``TEST_DATABASE_URL`` names a server when set: the session creates a database
+of its own there and drops it at the end, never touching the named database
+(the tests empty their tables after each test). Otherwise an embedded
 PostgreSQL (the pgserver wheel) is started in a temporary folder and removed
 at the end of the session.
 """
@@ -8,6 +10,7 @@ at the end of the session.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Connection, Engine, event, make_url, text
 
 from content_retry.database import build_engine
 from content_retry.settings import Settings, get_settings
@@ -29,13 +32,37 @@ __all__ = ["REPO_ROOT", "FakeLambdaContext"]
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = os.environ.get("TEST_DATABASE_URL")
-    if url:
-        return url
-    return start_embedded_postgres(
-        tmp_path_factory.mktemp("postgres") / "data", delete_on_exit=True
-    )
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server_url = os.environ.get("TEST_DATABASE_URL")
+    if server_url:
+        yield from _session_database(server_url)
+    else:
+        yield start_embedded_postgres(
+            tmp_path_factory.mktemp("postgres") / "data", delete_on_exit=True
+        )
+
+
+def _session_database(server_url: str) -> Iterator[str]:
+    """A new database on the server of ``server_url``, dropped when the session ends."""
+    name = f"content_retry_test_{uuid.uuid4().hex[:12]}"
+    server = build_engine(Settings(DATABASE_URL=server_url), pool_size=1)
+    _outside_a_transaction(server, f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        # FORCE ends sessions still on it: only this session's own database.
+        _outside_a_transaction(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        server.dispose()
+
+
+def _outside_a_transaction(engine: Engine, statement: str) -> None:
+    connection = engine.raw_connection()  # the driver's own autocommit, no SQLAlchemy begin
+    try:
+        connection.commit()
+        connection.driver_connection.autocommit = True  # type: ignore[union-attr]
+        connection.cursor().execute(statement)
+    finally:
+        connection.invalidate()
 
 
 @pytest.fixture(scope="session")

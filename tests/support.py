@@ -7,11 +7,13 @@ like the real thing except for the fault it is told to inject.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,31 @@ from content_retry.settings import Settings, get_settings
 from content_retry.worker import WorkerDependencies
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def logged_events() -> Iterator[list[dict[str, Any]]]:
+    """The handlers' log lines while the block runs, as the JSON Lambda would get.
+
+    Formatted when logged (the context keys live in the formatter only while
+    their block runs); the logger's own stream was bound before any capture.
+    """
+    from content_retry.observability import logger
+
+    lines: list[dict[str, Any]] = []
+    formatter = logger.registered_formatter
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(formatter.format(record)))
+
+    handler = Collect()
+    target = logging.getLogger(logger.name)
+    target.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        target.removeHandler(handler)
 
 
 def load_event(name: str) -> dict[str, Any]:

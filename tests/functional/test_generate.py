@@ -30,7 +30,14 @@ from content_retry_local.sessions import EngineSessions
 from functions.detect.app import lambda_handler as detect_handler
 from functions.generate.app import lambda_handler as generate_handler
 from tests.conftest import FakeLambdaContext, Queues
-from tests.support import CountingGenerator, detect_deps, load_event, sqs_event, worker_deps
+from tests.support import (
+    CountingGenerator,
+    detect_deps,
+    load_event,
+    logged_events,
+    sqs_event,
+    worker_deps,
+)
 
 
 @pytest.fixture
@@ -315,7 +322,9 @@ def test_a_message_the_judge_never_planned_is_dead_lettered(
     worker: WorkerDependencies,
 ) -> None:
     # the example batch names a task id no ledger holds
-    response = generate_handler(load_event("sqs-retry-batch.json"), lambda_context, deps=worker)
+    event = load_event("sqs-retry-batch.json")
+    with logged_events() as lines:
+        response = generate_handler(event, lambda_context, deps=worker)
 
     assert response == {"batchItemFailures": []}
     reasons = {
@@ -323,6 +332,12 @@ def test_a_message_the_judge_never_planned_is_dead_lettered(
     }
     assert reasons == {"not_planned"}
     assert generator.calls == []
+    # its log lines name the task and concept it claimed, for the runbook's queries
+    first = json.loads(event["Records"][0]["body"])
+    dead_lettered = [line for line in lines if line["message"] == "retry_item_dead_lettered"]
+    assert dead_lettered[0]["task_id"] == first["task_id"]
+    assert dead_lettered[0]["concept_id"] == first["concept"]["concept_id"]
+    assert dead_lettered[0]["message_id"] == event["Records"][0]["messageId"]
 
 
 def test_a_transient_llm_error_fails_exactly_that_record(

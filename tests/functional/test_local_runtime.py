@@ -23,7 +23,11 @@ from sqlalchemy import Connection, Engine, text
 from content_retry.database import build_engine
 from content_retry.generators import TransientGenerationError
 from content_retry.settings import Settings
-from content_retry_local.aws import start_threaded_moto
+from content_retry_local.aws import (
+    ensure_background_moto,
+    start_threaded_moto,
+    stop_background_moto,
+)
 from content_retry_local.http_api import ApiRequestHandler, make_server
 from content_retry_local.lambda_runtime import drain, invoke, queue_depth, redrive
 from content_retry_local.seed import (
@@ -43,6 +47,13 @@ def run_demo(
     cwd: Path, given: dict[str, str] | None = None, *arguments: str
 ) -> subprocess.CompletedProcess[str]:
     """``content-retry demo`` in a new process, with nothing configured but ``given``."""
+    return run_cli(cwd, given, "demo", *arguments)
+
+
+def run_cli(
+    cwd: Path, given: dict[str, str] | None, *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    """``content-retry ARGUMENTS`` in a new process, with nothing configured but ``given``."""
     environment = {
         name: value
         for name, value in os.environ.items()
@@ -50,7 +61,7 @@ def run_demo(
     }
     environment.update(given or {})
     return subprocess.run(
-        [sys.executable, "-m", "content_retry_local.cli", "demo", *arguments],
+        [sys.executable, "-m", "content_retry_local.cli", *arguments],
         cwd=cwd,
         env=environment,
         capture_output=True,
@@ -76,7 +87,9 @@ def test_the_demo_repairs_the_seed_and_can_run_twice(tmp_path: Path) -> None:
             in run.stdout
         )
         assert "end state: OK" in run.stdout
-    assert (tmp_path / ".local" / "pgdata" / "PG_VERSION").exists()
+    # in a database of its own, apart from the one the other local commands share
+    assert (tmp_path / ".local" / "demo" / "pgdata" / "PG_VERSION").exists()
+    assert not (tmp_path / ".local" / "pgdata").exists()
 
 
 def test_the_demo_runs_through_bedrocks_api_against_a_local_bedrock(tmp_path: Path) -> None:
@@ -159,6 +172,29 @@ def test_serve_answers_real_http_with_the_contract(
     status, document = request(anonymous + "/openapi.json")
     assert status == 200
     assert set(document["paths"]) == {"/roadmaps/{roadmap_id}/retry", "/retry-tasks/{task_id}"}
+
+
+def test_draining_a_real_queue_leaves_a_failed_record_to_its_visibility_timeout(
+    connection: Connection, queues: Queues, db: Engine, load_event: Any
+) -> None:
+    # GIVEN 21 queued messages, one of which the LLM throttles
+    seed_scenario(connection)
+    connection.commit()
+    invoke("detect", load_event("api-retry.json"))
+    generator = CountingGenerator()
+    generator.failures[("c15", "tutorial")] = TransientGenerationError("ThrottlingException")
+
+    # WHEN the queue is drained as a real one (content-retry drain against AWS)
+    report = drain(
+        queues.sqs, queues.queue_url, deps=worker_deps(db, queues.sqs, generator), real_queue=True
+    )
+
+    # THEN the failed record was tried once and waits, in flight, as with Lambda:
+    # not received again at once until its receives (and LLM calls) ran out
+    assert (report.succeeded, report.failed) == (20, 1)
+    assert generator.calls.count(("c15", "tutorial")) == 1
+    assert queue_depth(queues.sqs, queues.queue_url) == 1
+    assert queue_depth(queues.sqs, queues.dlq_url) == 0
 
 
 def test_drain_dead_letters_a_record_that_keeps_failing_with_its_reason(
@@ -316,6 +352,67 @@ def test_the_demo_refuses_what_it_did_not_start_and_touches_nothing(
     assert owner == "someone"
 
 
+@pytest.mark.parametrize(
+    ("command", "given"),
+    [
+        (("drain",), ("AWS_ENDPOINT_URL", "RETRY_QUEUE_URL", "RETRY_DLQ_URL")),
+        (("serve",), ("AWS_ENDPOINT_URL", "RETRY_QUEUE_URL", "RETRY_DLQ_URL")),
+        (("invoke", "detect", "--event", "events/api-retry.json"), ("DATABASE_URL",)),
+        (("drain",), ("DATABASE_URL",)),
+    ],
+    ids=["drain-queues-only", "serve-queues-only", "invoke-database-only", "drain-database-only"],
+)
+def test_commands_refuse_a_database_and_queues_of_different_deployments(
+    real_looking_targets: tuple[dict[str, str], Any, str, str],
+    db: Engine,
+    tmp_path: Path,
+    command: tuple[str, ...],
+    given: tuple[str, ...],
+) -> None:
+    # GIVEN only half of a deployment named: its queues, or its database
+    variables, sqs, queue_url, dlq_url = real_looking_targets
+    events = tmp_path / "events"
+    events.mkdir()
+    (events / "api-retry.json").write_bytes((REPO_ROOT / "events" / "api-retry.json").read_bytes())
+
+    # WHEN an operator command is run with it
+    run = run_cli(tmp_path, {name: variables[name] for name in given}, *command)
+
+    # THEN it exits 2 naming what is missing, before starting or touching anything
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Give the" in run.stderr and given[0] in run.stderr
+    assert not (tmp_path / ".local").exists()
+    for url, body in ((queue_url, '{"waiting": true}'), (dlq_url, '{"generated": "paid for"}')):
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        assert [message["Body"] for message in messages] == [body]
+    with db.connect() as connection:
+        tasks = connection.execute(text("SELECT count(*) FROM retry_tasks")).scalar_one()
+    assert tasks == 0
+
+
+def test_redrive_needs_no_database(
+    real_looking_targets: tuple[dict[str, str], Any, str, str], tmp_path: Path
+) -> None:
+    # GIVEN only the queues (a re-drive against AWS moves messages, nothing else)
+    variables, sqs, _, dlq_url = real_looking_targets
+    given = {name: variables[name] for name in ("AWS_ENDPOINT_URL", "RETRY_QUEUE_URL")}
+    given |= {
+        "RETRY_DLQ_URL": variables["RETRY_DLQ_URL"],
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_REGION": "us-east-1",
+    }
+
+    depth = queue_depth(sqs, dlq_url)
+
+    run = run_cli(tmp_path, given, "redrive", "--dry-run")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"dry run: {depth} message(s) would move back" in run.stdout
+    assert depth >= 1 and queue_depth(sqs, dlq_url) == depth
+    assert not (tmp_path / ".local").exists()  # no embedded PostgreSQL started
+
+
 def test_the_staged_fault_ends_only_the_sessions_of_its_own_engine(
     db: Engine, database_url: str
 ) -> None:
@@ -370,3 +467,45 @@ def test_serve_answers_others_while_one_client_stalls_and_times_the_stall_out(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_stop_leaves_alone_a_process_that_took_the_moto_servers_pid(tmp_path: Path) -> None:
+    # GIVEN a state file that outlived its moto server (a reboot), its pid now another's
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (tmp_path / "moto.json").write_text(json.dumps({"pid": bystander.pid, "port": 5999}))
+    try:
+        # WHEN the local moto server is stopped
+        stopped = stop_background_moto(tmp_path)
+
+        # THEN nothing was signalled, and the stale file is gone
+        assert stopped is False
+        time.sleep(0.2)
+        assert bystander.poll() is None
+        assert not (tmp_path / "moto.json").exists()
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_the_background_moto_server_is_shared_then_stopped(tmp_path: Path) -> None:
+    # GIVEN the server the local commands share, asked for twice
+    endpoint = ensure_background_moto(tmp_path)
+    pid = json.loads((tmp_path / "moto.json").read_text())["pid"]
+    assert ensure_background_moto(tmp_path) == endpoint
+
+    # WHEN it is stopped
+    stopped = stop_background_moto(tmp_path)
+
+    # THEN it was that server, and it is gone (it answers no more; as this
+    # process's child it stays a zombie until reaped, so its pid says nothing)
+    assert stopped is True
+    port = int(endpoint.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"moto's server (pid {pid}) still answers on port {port}")

@@ -37,13 +37,17 @@ def client(service: str) -> Any:
 # retries only), with exponential backoff and jitter (at most 20 s between
 # attempts), each waiting at most BEDROCK_CONNECT_TIMEOUT + BEDROCK_READ_TIMEOUT.
 # The worker starts no call with less than LLM_CALL_BUDGET_SECONDS left, which
-# must cover the worst case.
+# must cover the worst case and then the save, or the dead-letter send that
+# keeps the content (SAVE_RESERVE_SECONDS): an invocation cut off after a
+# paid call would lose its answer.
 BEDROCK_MAX_ATTEMPTS = 2
 BEDROCK_CONNECT_TIMEOUT = 5
 BEDROCK_READ_TIMEOUT = 60
 BEDROCK_WORST_CASE_SECONDS = BEDROCK_MAX_ATTEMPTS * (
     BEDROCK_CONNECT_TIMEOUT + BEDROCK_READ_TIMEOUT
 ) + 20 * (BEDROCK_MAX_ATTEMPTS - 1)
+# A save (its connection's 30 s socket timeout at worst) or a DLQ send.
+SAVE_RESERVE_SECONDS = 30
 
 
 @lru_cache(maxsize=1)

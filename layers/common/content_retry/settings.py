@@ -85,11 +85,11 @@ class Settings(BaseModel):
         default=5_760, alias="RETRY_QUEUE_RETENTION_MINUTES"
     )
 
-    # The most one LLM call may take, botocore's retries included (at least
-    # aws.BEDROCK_WORST_CASE_SECONDS): the generate function starts no call with
-    # less time than this left in the invocation.
+    # The most one LLM call may take, botocore's retries included, and the save
+    # after it (at least aws.BEDROCK_WORST_CASE_SECONDS + aws.SAVE_RESERVE_SECONDS):
+    # the generate function starts no call with less time than this left.
     llm_call_budget_seconds: Annotated[int, Field(ge=1, le=900)] = Field(
-        default=150, alias="LLM_CALL_BUDGET_SECONDS"
+        default=180, alias="LLM_CALL_BUDGET_SECONDS"
     )
 
     aws_region: str = Field(default="us-east-1", alias="AWS_REGION")

@@ -111,7 +111,7 @@ class RetryBatch:
         message_id = record.get("messageId", "")
         delivery = self.deliveries.by_message_id[message_id]
         self.outcomes[message_id] = None
-        with logger.append_context_keys(message_id=message_id):
+        with logger.append_context_keys(**self._log_keys(message_id)):
             try:
                 return self._request(message_id, record.get("body") or "", delivery)
             except Exception as exc:  # the record goes back to SQS; the others go on
@@ -128,7 +128,7 @@ class RetryBatch:
         if error is None or receives < self.deps.settings.max_receive_count:
             return
         detail = f"{receives} deliveries, the last one: {error}"
-        with logger.append_context_keys(message_id=message_id):
+        with logger.append_context_keys(**self._log_keys(message_id)):
             try:
                 self._dead_letter(record.get("body") or "", "retries_exhausted", detail, items=1)
             except Exception as exc:  # SQS moves it anyway; nothing better is left
@@ -189,12 +189,7 @@ class RetryBatch:
             assert message is not None
             for content_type, cost in result.costs.items():
                 self.costs[content_type] += cost
-            with logger.append_context_keys(
-                message_id=message_id,
-                task_id=str(message.task_id),
-                roadmap_id=message.roadmap_id,
-                concept_id=message.concept.concept_id,
-            ):
+            with logger.append_context_keys(**self._log_keys(message_id)):
                 try:
                     self._finish(message, delivery, result)
                 except Exception as exc:  # the record goes back to SQS; the others go on
@@ -332,6 +327,19 @@ class RetryBatch:
             "retry_item_dead_lettered", extra={"reason": reason, "generated": generated or []}
         )
         metrics.add_metric(name="ItemsDeadLettered", unit="Count", value=items)
+
+    def _log_keys(self, message_id: str) -> dict[str, str]:
+        """What every log line about a record carries: its message id and, when
+        the body is a retry message, its task, roadmap and concept (DESIGN §11)."""
+        keys = {"message_id": message_id}
+        message = self.deliveries.by_message_id[message_id].message
+        if message is not None:
+            keys |= {
+                "task_id": str(message.task_id),
+                "roadmap_id": message.roadmap_id,
+                "concept_id": message.concept.concept_id,
+            }
+        return keys
 
     def _seconds_left(self) -> float:
         if self.context is None:
