@@ -7,13 +7,16 @@ the detect function from the seed's plan, the event JSON of events/.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from sqlalchemy import Connection, Engine, text
 
+from content_retry.content_store import save_message
 from content_retry.content_types import ContentType
-from content_retry.database import build_engine
+from content_retry.database import BatchConnection, build_engine
 from content_retry.generators import (
     MalformedOutputError,
     PermanentGenerationError,
@@ -605,3 +608,140 @@ def test_a_record_failing_on_its_last_delivery_is_dead_lettered_with_its_reason(
         assert response == {"batchItemFailures": [{"itemIdentifier": "message-0"}]}
         assert dead == []
         assert item.status == "running"
+
+
+def test_a_failed_save_ends_the_items_that_failed_for_good_and_the_redrive_calls_no_llm(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    worker: WorkerDependencies,
+) -> None:
+    # GIVEN a message of two items (a lost tutorial, a failed quiz): the LLM
+    # refuses the quiz for good, and the database drops the worker's connection
+    seed_scenario(connection, other_failures=True)
+    connection.commit()
+    event = load_event("api-retry.json")
+    event["body"] = json.dumps({"content_types": ["tutorial", "quiz"]})
+    detect_handler(event, lambda_context, deps=detect_deps(db, queues.sqs))
+    bodies = [message["Body"] for message in queues.receive_all()]
+    body = next(b for b in bodies if len(json.loads(b)["items"]) == 2)
+    concept_id = json.loads(body)["concept"]["concept_id"]
+    generator.failures[(concept_id, "quiz")] = PermanentGenerationError("content filtered")
+    sessions = EngineSessions(worker.engine)
+    generator.before_call = lambda *_: sessions.terminate()
+
+    # WHEN the generate function takes it, and the save fails
+    response = generate_handler(sqs_event([body]), lambda_context, deps=worker)
+
+    # THEN the message is in the DLQ with the tutorial, the quiz has ended as
+    # failed with its reason, and no item is left running (held as a claim)
+    assert response == {"batchItemFailures": []}
+    dead = queues.receive_all(queues.dlq_url)
+    assert [m["MessageAttributes"]["reason"]["StringValue"] for m in dead] == ["save_failed"]
+    kept = RetryMessage.model_validate_json(dead[0]["Body"])
+    assert kept.generated is not None and kept.generated.tutorial is not None
+    with db.connect() as c:
+        items = {
+            row.content_type: (row.status, row.last_error)
+            for row in c.execute(
+                text(
+                    "SELECT content_type, status, last_error FROM retry_items WHERE concept_id = :c"
+                ),
+                {"c": concept_id},
+            )
+        }
+    assert items["tutorial"][0] == "dead_lettered"
+    assert items["quiz"] == ("failed", "content filtered")
+
+    # WHEN it is re-driven
+    generator.before_call = None
+    calls_before = len(generator.calls)
+    response = generate_handler(sqs_event([dead[0]["Body"]]), lambda_context, deps=worker)
+
+    # THEN the tutorial is saved from the message and the quiz is not asked for again
+    assert response == {"batchItemFailures": []}
+    assert len(generator.calls) == calls_before
+    assert latest_tutorials(db)[concept_id][0] == "completed"
+
+
+@dataclass
+class RefusingDlq:
+    """SQS whose SendMessage refuses a body carrying generated content
+    ``refusals`` times (-1: always, as a copy too large for SQS would be)."""
+
+    sqs: Any
+    refusals: int
+
+    def send_message(self, **call: Any) -> Any:
+        if '"generated":{' in call["MessageBody"] and self.refusals:
+            self.refusals -= 1
+            raise ClientError(
+                {"Error": {"Code": "InvalidParameterValue", "Message": "refused"}}, "SendMessage"
+            )
+        return self.sqs.send_message(**call)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sqs, name)
+
+
+@pytest.mark.parametrize(
+    ("refusals", "keeps_content"), [(1, True), (-1, False)], ids=["once", "always"]
+)
+def test_on_the_last_delivery_a_refused_content_copy_is_sent_again_not_a_poorer_one(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    detect: DetectDependencies,
+    refusals: int,
+    keeps_content: bool,
+) -> None:
+    # GIVEN a message on its last delivery whose save fails, and a DLQ that
+    # refuses the copy carrying the generated content (once, or always)
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
+    worker = worker_deps(db, RefusingDlq(queues.sqs, refusals), generator)
+    sessions = EngineSessions(worker.engine)
+    generator.before_call = lambda *_: sessions.terminate()
+    event = sqs_event([body])
+    event["Records"][0]["attributes"]["ApproximateReceiveCount"] = "5"
+
+    # WHEN the generate function takes it
+    response = generate_handler(event, lambda_context, deps=worker)
+
+    # THEN it is dead-lettered once, as a failed save: with its content when the
+    # DLQ takes it, else the original message, the reason kept either way
+    assert response == {"batchItemFailures": []}
+    dead = queues.receive_all(queues.dlq_url)
+    assert [m["MessageAttributes"]["reason"]["StringValue"] for m in dead] == ["save_failed"]
+    kept = RetryMessage.model_validate_json(dead[0]["Body"])
+    assert (kept.generated is not None) is keeps_content
+
+
+def test_a_failure_noted_after_another_delivery_saved_the_item_leaves_its_status_completed(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
+) -> None:
+    # GIVEN an item saved by one delivery of its message
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
+    message = RetryMessage.model_validate_json(body)
+    concept_id = message.concept.concept_id
+    assert generate_handler(sqs_event([body]), lambda_context, deps=worker) == {
+        "batchItemFailures": []
+    }
+
+    # WHEN a second delivery, running at the same time, got a permanent LLM
+    # refusal for it and notes the failure afterwards
+    with BatchConnection(db) as database:
+        save_message(database, message, {}, {ContentType.TUTORIAL: "content filtered"}, {})
+
+    # THEN the item stays saved: ledger and framework both say so
+    assert ledger_item(db, concept_id).status == "succeeded"
+    assert framework_statuses(db, "content_status")[concept_id] == "completed"
+    assert latest_tutorials(db)[concept_id][0] == "completed"

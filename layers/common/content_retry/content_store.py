@@ -241,21 +241,21 @@ def _save_transaction(
                 content=content,
                 cost=costs.get(key, NOT_CALLED),
             )
+        ended_now = set()
         for content_type, error in failed_for_good.items():
-            ledger.record_outcomes(
-                connection,
-                [ItemKey(task_id, concept_id, content_type)],
-                status=ItemStatus.FAILED,
-                error=error,
-            )
-        if failed_for_good:
+            key = ItemKey(task_id, concept_id, content_type)
+            if ledger.record_outcomes(connection, [key], status=ItemStatus.FAILED, error=error):
+                ended_now.add(content_type)
+        # Only what failed now: an item another delivery saved meanwhile keeps
+        # the completed status its save wrote.
+        if ended_now:
             patch_concept_statuses(
                 connection,
                 message.roadmap_id,
                 {
                     concept_id: {
                         STORAGE[content_type].status_key: FrameworkStatus.FAILED
-                        for content_type in failed_for_good
+                        for content_type in ended_now
                     }
                 },
             )

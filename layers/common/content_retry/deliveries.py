@@ -122,6 +122,11 @@ def read_message(body: str) -> RetryMessage:
         raise ValueError("; ".join(describe_errors(exc.errors(), whole="body"))) from exc
 
 
+def item_types(message: RetryMessage) -> list[ContentType]:
+    """The content types of a message's items, in its order."""
+    return [item.content_type for item in message.items]
+
+
 def item_keys(message: RetryMessage) -> list[ItemKey]:
     """The deduplication keys of a message's items."""
     return [

@@ -40,8 +40,10 @@ from content_retry.generators import (
 from content_retry.messages import Preferences
 from content_retry.observability import continue_trace, trace_entity, traced
 
-# Deliveries of one item whose answers were malformed before the item fails
-# for good: a model that keeps answering badly is not paid forever.
+# The item's attempt (its deliveries so far, whatever ended the earlier ones)
+# from which a malformed answer fails it for good: a model that keeps answering
+# badly is not paid forever. Attempts are what the ledger counts, so a throttled
+# delivery counts too; the bound is on the item's cost, not on bad answers alone.
 MALFORMED_OUTPUT_ATTEMPTS = 3
 
 

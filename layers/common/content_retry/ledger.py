@@ -268,21 +268,23 @@ def start_items(
 
 def record_outcomes(
     connection: Connection, keys: Sequence[ItemKey], *, status: ItemStatus, error: str | None
-) -> None:
-    """Set items' status and last error (failed, dead_lettered, or still running).
+) -> set[ItemKey]:
+    """Set items' status and last error (failed, dead_lettered, or still running);
+    returns the items whose row changed.
 
     An item that already ended for its task (saved, or failed for good) keeps
     its status: a late note about an earlier delivery never undoes an ending.
     """
     if not keys:
-        return
-    connection.execute(
+        return set()
+    rows = connection.execute(
         text(
             "UPDATE retry_items AS i SET status = :status, last_error = :error, updated_at = now() "
             "FROM unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]), "
             "CAST(:content_types AS text[])) AS k(task_id, concept_id, content_type) "
             "WHERE (i.task_id, i.concept_id, i.content_type) = (k.task_id, k.concept_id, "
-            "k.content_type) AND i.status <> ALL(CAST(:ended AS text[]))"
+            "k.content_type) AND i.status <> ALL(CAST(:ended AS text[])) "
+            "RETURNING i.task_id, i.concept_id, i.content_type"
         ),
         {
             "status": status.value,
@@ -293,6 +295,7 @@ def record_outcomes(
             "content_types": [key.content_type.value for key in keys],
         },
     )
+    return {ItemKey(str(task), concept, ContentType(kind)) for task, concept, kind in rows}
 
 
 def add_costs(connection: Connection, costs: Mapping[ItemKey, ItemCost]) -> None:

@@ -82,7 +82,17 @@ def _send_batch(sqs: Any, queue_url: str, entries: dict[str, RetryMessage]) -> d
 
 
 class DeadLetterError(RuntimeError):
-    """The dead-letter queue could not be reached: the caller must not acknowledge."""
+    """The dead-letter queue could not be reached: the caller must not acknowledge.
+
+    Keeps what it could not send (the body, with any generated content, and
+    its reason), so a later attempt sends that and not a poorer copy.
+    """
+
+    def __init__(self, problem: str, *, body: str, reason: str, detail: str) -> None:
+        super().__init__(problem)
+        self.body = body
+        self.reason = reason
+        self.detail = detail
 
 
 def dead_letter(sqs: Any, dlq_url: str, body: str, *, reason: str, detail: str) -> None:
@@ -108,4 +118,6 @@ def dead_letter(sqs: Any, dlq_url: str, body: str, *, reason: str, detail: str) 
             },
         )
     except (BotoCoreError, ClientError) as exc:
-        raise DeadLetterError(f"dead-letter queue unavailable: {exc}") from exc
+        raise DeadLetterError(
+            f"dead-letter queue unavailable: {exc}", body=body, reason=reason, detail=detail
+        ) from exc

@@ -36,13 +36,19 @@ from content_retry.content_store import save_message
 from content_retry.content_types import ContentType
 from content_retry.costs import ItemCost
 from content_retry.database import DATABASE_ERRORS, BatchConnection
-from content_retry.deliveries import Deliveries, Delivery, item_keys, prepare_deliveries
+from content_retry.deliveries import (
+    Deliveries,
+    Delivery,
+    item_keys,
+    item_types,
+    prepare_deliveries,
+)
 from content_retry.generated import ContentModel, GeneratedContent
 from content_retry.generation import BatchGeneration, MessageGeneration, MessageRequest
 from content_retry.generators import ContentGenerator, TransientGenerationError
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger, metrics, record_llm_costs, traced
-from content_retry.queue import dead_letter
+from content_retry.queue import DeadLetterError, dead_letter
 from content_retry.settings import Settings
 from content_retry.statuses import ItemStatus
 
@@ -127,23 +133,32 @@ class RetryBatch:
         receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
         if error is None or receives < self.deps.settings.max_receive_count:
             return
+        body, reason = record.get("body") or "", "retries_exhausted"
         detail = f"{receives} deliveries, the last one: {error}"
+        if isinstance(error, DeadLetterError):
+            # What this delivery could not dead-letter (a copy carrying the
+            # generated content, say) is what goes, with its own reason.
+            body, reason, detail = error.body, error.reason, f"{error.detail} ({detail})"
         with logger.append_context_keys(**self._log_keys(message_id)):
-            try:
-                self._dead_letter(record.get("body") or "", "retries_exhausted", detail, items=1)
-            except Exception as exc:  # SQS moves it anyway; nothing better is left
-                logger.warning("retry_record_returned", extra={"error": repr(exc)})
-                return
+            if not self._dead_letter_first_of([body, record.get("body") or ""], reason, detail):
+                return  # SQS moves it anyway; nothing better is left
         self.outcomes[message_id] = None
         message = self.deliveries.by_message_id[message_id].message
         if message is not None:
-            self._record_best_effort(
-                message,
-                [item.content_type for item in message.items],
-                ItemStatus.DEAD_LETTERED,
-                f"dead-lettered after {detail}",
-                {},
-            )
+            note = (ItemStatus.DEAD_LETTERED, f"dead-lettered after {detail}")
+            self._record_best_effort(message, dict.fromkeys(item_types(message), note), {})
+
+    def _dead_letter_first_of(self, bodies: list[str], reason: str, detail: str) -> bool:
+        """Dead-letter the first of ``bodies`` the DLQ takes (a copy carrying
+        content may be refused for itself, as too large); False if none."""
+        for body in dict.fromkeys(bodies):
+            try:
+                self._dead_letter(body, reason, detail, items=1)
+            except Exception as exc:
+                logger.warning("retry_record_returned", extra={"error": repr(exc)})
+            else:
+                return True
+        return False
 
     def _request(self, message_id: str, body: str, delivery: Delivery) -> MessageRequest | None:
         if delivery.invalid_reason is not None:
@@ -216,7 +231,7 @@ class RetryBatch:
         }
         saved = False
         if to_save or failed_for_good:
-            saved = self._save(message, to_save, failed_for_good, costs)
+            saved = self._save(message, delivery, to_save, failed_for_good, costs)
             if not saved:
                 return  # dead-lettered with its content, acknowledged
         if result.try_later is not None:
@@ -226,6 +241,7 @@ class RetryBatch:
     def _save(
         self,
         message: RetryMessage,
+        delivery: Delivery,
         to_save: dict[ContentType, ContentModel],
         failed_for_good: dict[ContentType, str],
         costs: dict[ledger.ItemKey, ItemCost],
@@ -245,7 +261,7 @@ class RetryBatch:
             ):
                 saved = save_message(self.database, message, to_save, failed_for_good, costs)
         except DATABASE_ERRORS as exc:
-            self._dead_letter_unsaved(message, to_save, exc, costs)
+            self._dead_letter_unsaved(message, delivery, to_save, failed_for_good, exc, costs)
             return False
         failed_for_good = {**failed_for_good, **saved.refused}
         for content_type, version in saved.versions.items():
@@ -267,10 +283,15 @@ class RetryBatch:
     def _dead_letter_unsaved(
         self,
         message: RetryMessage,
+        delivery: Delivery,
         to_save: dict[ContentType, ContentModel],
+        failed_for_good: dict[ContentType, str],
         error: BaseException,
         costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
+        """The whole message to the DLQ, with what was generated; then, if the
+        database lets us, each open item's state: the ones that failed for good
+        end so (a re-drive skips them), the others wait in the DLQ."""
         metrics.add_metric(name="SaveFailures", unit="Count", value=1)
         logger.error("retry_item_save_failed", extra={"error": repr(error)})
         generated = GeneratedContent.of(to_save) if to_save else message.generated
@@ -283,9 +304,10 @@ class RetryBatch:
             items=len(to_save) or 1,
             generated=sorted(to_save),
         )
-        self._record_best_effort(
-            message, list(to_save), ItemStatus.DEAD_LETTERED, f"save failed: {error!r}", costs
-        )
+        waiting = (ItemStatus.DEAD_LETTERED, f"save failed: {error!r}")
+        notes = dict.fromkeys(delivery.open_items, waiting)
+        notes |= {ct: (ItemStatus.FAILED, reason) for ct, reason in failed_for_good.items()}
+        self._record_best_effort(message, notes, costs)
 
     def _note_try_later(
         self,
@@ -294,26 +316,28 @@ class RetryBatch:
         error: TransientGenerationError,
         costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
-        self._record_best_effort(
-            message, delivery.open_items, ItemStatus.RUNNING, str(error), costs
-        )
+        note = (ItemStatus.RUNNING, str(error))
+        self._record_best_effort(message, dict.fromkeys(delivery.open_items, note), costs)
         logger.warning("retry_item_will_retry", extra={"error": str(error)})
 
     def _record_best_effort(
         self,
         message: RetryMessage,
-        content_types: list[ContentType],
-        status: ItemStatus,
-        error: str,
+        notes: dict[ContentType, tuple[ItemStatus, str]],
         costs: dict[ledger.ItemKey, ItemCost],
     ) -> None:
-        """Note an outcome (and what the calls cost) in the ledger if the database
-        lets us; the message (redelivered or dead-lettered) stays the record of
-        truth, and the costs are in the metrics whatever happens here."""
-        keys = [key for key in item_keys(message) if key.content_type in content_types]
+        """Note items' outcomes (status, error) and what the calls cost in the
+        ledger if the database lets us; the message (redelivered or
+        dead-lettered) stays the record of truth, and the costs are in the
+        metrics whatever happens here."""
+        keys = {key.content_type: key for key in item_keys(message)}
         try:
             with self.database.transaction() as connection:
-                ledger.record_outcomes(connection, keys, status=status, error=error)
+                for content_type, (status, error) in notes.items():
+                    if content_type in keys:
+                        ledger.record_outcomes(
+                            connection, [keys[content_type]], status=status, error=error
+                        )
                 ledger.add_costs(connection, costs)
         except DATABASE_ERRORS:
             logger.warning("retry_ledger_not_updated")
