@@ -361,6 +361,26 @@ def test_a_send_failure_releases_the_claim_and_the_task_says_so(
     assert again.retried_count == 2
 
 
+def test_a_queue_refusing_every_message_is_a_503_that_says_it_failed(
+    connection: Connection,
+    queues: Queues,
+    load_event: EventLoader,
+    lambda_context: FakeLambdaContext,
+    detect: DetectDependencies,
+) -> None:
+    seed_scenario(connection)
+    connection.commit()
+    detect.sqs = FlakySqs(queues.sqs, lambda body: True)
+
+    status, body = respond(load_event("api-retry.json"), lambda_context, detect)
+
+    assert status == 503
+    assert body["success"] is False
+    assert body["retried_count"] == 0
+    assert "could not be queued" in body["message"]
+    assert queues.depth() == 0
+
+
 def test_a_crash_between_commit_and_send_loses_nothing(
     connection: Connection,
     queues: Queues,

@@ -155,6 +155,8 @@ def base64_of(raw: bytes) -> str:
         ('{"content_types": ["tutorial\ud800"]}', False, "unpaired surrogate"),
         ('{"content_types": ["tutorial\\ud800"]}', False, "unpaired surrogate"),
         ('{"\\udfff": 1}', False, "unpaired surrogate"),
+        ("NaN", False, "NaN is not a JSON number"),
+        ('{"preferences": {"level": -Infinity}}', False, "-Infinity is not a JSON number"),
     ],
     ids=[
         "1000-nested-arrays",
@@ -166,6 +168,8 @@ def base64_of(raw: bytes) -> str:
         "lone-surrogate-in-text",
         "lone-surrogate-escape",
         "surrogate-escape-in-a-key",
+        "nan",
+        "negative-infinity",
     ],
 )
 def test_hostile_bodies_get_a_400_naming_the_problem_and_write_nothing(

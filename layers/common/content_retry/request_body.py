@@ -76,8 +76,8 @@ def _check_json(text: str) -> None:
             400, f"the request body nests arrays or objects more than {MAX_NESTING} levels deep"
         )
     try:
-        document = json.loads(text, parse_int=_integer)
-    except _TooLongError as exc:
+        document = json.loads(text, parse_int=_integer, parse_constant=_not_a_json_number)
+    except _RefusedError as exc:
         raise BodyError(400, str(exc)) from exc
     except ValueError:
         return  # not JSON: the resolver's answer
@@ -85,13 +85,18 @@ def _check_json(text: str) -> None:
         raise BodyError(400, _SURROGATE)
 
 
-class _TooLongError(ValueError):
+class _RefusedError(ValueError):
     pass
+
+
+def _not_a_json_number(constant: str) -> float:
+    # Python's reader takes NaN and Infinity; JSON has no such numbers.
+    raise _RefusedError(f"the request body is not valid JSON: {constant} is not a JSON number")
 
 
 def _integer(digits: str) -> int:
     if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
-        raise _TooLongError(
+        raise _RefusedError(
             f"the request body holds a number longer than {MAX_NUMBER_DIGITS} digits"
         )
     return int(digits)

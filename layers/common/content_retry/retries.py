@@ -48,7 +48,9 @@ class RetryOutcome:
 
     def as_response(self) -> dict[str, Any]:
         return {
-            "success": self.task_id is not None or self.unsent_count == 0,
+            # Something was queued, or nothing needed to be; not when every
+            # planned message was refused (the API's 503).
+            "success": self.retried_count > 0 or self.unsent_count == 0,
             "task_id": self.task_id,
             "retried_count": self.retried_count,
             "items": self.items,
