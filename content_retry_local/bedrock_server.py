@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, cast
@@ -77,9 +77,12 @@ _FULL_LIST_DEPTH = 4
 # --------------------------------------------------------------------------- statistics
 
 
-@dataclass(frozen=True)
+@dataclass
 class BedrockStats:
-    """What the server has seen since it started or since ``reset_stats()``."""
+    """What the server has seen since it started or since ``reset_stats()``.
+
+    The server counts into one of these under its lock and hands out copies.
+    """
 
     requests: int = 0
     """Converse requests received, whatever became of them."""
@@ -95,7 +98,7 @@ class BedrockStats:
     """Requests botocore marked as a retry (``amz-sdk-request: attempt=N``, N > 1)."""
     unknown_operations: int = 0
     """Requests to any other path or method (answered 404)."""
-    tool_uses: Mapping[str, int] = field(default_factory=dict)
+    tool_uses: dict[str, int] = field(default_factory=dict)
     """Tool-use answers per tool name."""
     text_answers: int = 0
     input_tokens: int = 0
@@ -107,39 +110,6 @@ class BedrockStats:
     def total_tokens(self) -> int:
         """Input plus output tokens, as Bedrock's ``usage.totalTokens``."""
         return self.input_tokens + self.output_tokens
-
-
-@dataclass
-class _Counters:
-    requests: int = 0
-    answered: int = 0
-    throttled: int = 0
-    rejected: int = 0
-    malformed: int = 0
-    retries: int = 0
-    unknown_operations: int = 0
-    tool_uses: dict[str, int] = field(default_factory=dict)
-    text_answers: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    in_flight: int = 0
-    max_in_flight: int = 0
-
-    def snapshot(self) -> BedrockStats:
-        return BedrockStats(
-            requests=self.requests,
-            answered=self.answered,
-            throttled=self.throttled,
-            rejected=self.rejected,
-            malformed=self.malformed,
-            retries=self.retries,
-            unknown_operations=self.unknown_operations,
-            tool_uses=dict(self.tool_uses),
-            text_answers=self.text_answers,
-            input_tokens=self.input_tokens,
-            output_tokens=self.output_tokens,
-            max_in_flight=self.max_in_flight,
-        )
 
 
 # --------------------------------------------------------------------------- JSON instances
@@ -782,7 +752,8 @@ class LocalBedrock:
         self.seed = seed
         self._address = (host, port)
         self._lock = threading.Lock()
-        self._counters = _Counters()
+        self._counters = BedrockStats()
+        self._in_flight = 0
         self._seen: dict[str, int] = {}
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -886,13 +857,12 @@ class LocalBedrock:
     def stats(self) -> BedrockStats:
         """A consistent snapshot of the counters."""
         with self._lock:
-            return self._counters.snapshot()
+            return replace(self._counters, tool_uses=dict(self._counters.tool_uses))
 
     def reset_stats(self) -> None:
         """Zero the counters and forget the requests seen, so draws repeat from the start."""
         with self._lock:
-            in_flight = self._counters.in_flight
-            self._counters = _Counters(in_flight=in_flight, max_in_flight=in_flight)
+            self._counters = BedrockStats(max_in_flight=self._in_flight)
             self._seen.clear()
 
     # -- requests (called by the handler threads)
@@ -908,13 +878,13 @@ class LocalBedrock:
             counters = self._counters
             counters.requests += 1
             counters.retries += attempt > 1
-            counters.in_flight += 1
-            counters.max_in_flight = max(counters.max_in_flight, counters.in_flight)
+            self._in_flight += 1
+            counters.max_in_flight = max(counters.max_in_flight, self._in_flight)
         try:
             return self._answer(model_id, raw, started)
         finally:
             with self._lock:
-                self._counters.in_flight -= 1
+                self._in_flight -= 1
 
     def _answer(self, model_id: str, raw: bytes, started: float) -> _Reply:
         try:

@@ -63,12 +63,17 @@ def plan_messages(
     queues: Queues,
     detect: DetectDependencies,
     context: FakeLambdaContext,
+    content_types: list[str] | None = None,
     **seed: Any,
 ) -> list[str]:
-    """Seed, ask detect to retry tutorials through the API, return the queued bodies."""
+    """Seed, ask detect to retry tutorials (or ``content_types``) through the API,
+    return the queued bodies."""
     seed_scenario(connection, **seed)
     connection.commit()
-    response = detect_handler(load_event("api-retry.json"), context, deps=detect)
+    event = load_event("api-retry.json")
+    if content_types is not None:
+        event["body"] = json.dumps({"content_types": content_types})
+    response = detect_handler(event, context, deps=detect)
     assert response["statusCode"] == 202, response
     return [message["Body"] for message in queues.receive_all()]
 
@@ -616,16 +621,14 @@ def test_a_failed_save_ends_the_items_that_failed_for_good_and_the_redrive_calls
     db: Engine,
     lambda_context: FakeLambdaContext,
     generator: CountingGenerator,
+    detect: DetectDependencies,
     worker: WorkerDependencies,
 ) -> None:
     # GIVEN a message of two items (a lost tutorial, a failed quiz): the LLM
     # refuses the quiz for good, and the database drops the worker's connection
-    seed_scenario(connection, other_failures=True)
-    connection.commit()
-    event = load_event("api-retry.json")
-    event["body"] = json.dumps({"content_types": ["tutorial", "quiz"]})
-    detect_handler(event, lambda_context, deps=detect_deps(db, queues.sqs))
-    bodies = [message["Body"] for message in queues.receive_all()]
+    bodies = plan_messages(
+        connection, queues, detect, lambda_context, ["tutorial", "quiz"], other_failures=True
+    )
     body = next(b for b in bodies if len(json.loads(b)["items"]) == 2)
     concept_id = json.loads(body)["concept"]["concept_id"]
     generator.failures[(concept_id, "quiz")] = PermanentGenerationError("content filtered")

@@ -174,15 +174,22 @@ def test_serve_answers_real_http_with_the_contract(
     assert set(document["paths"]) == {"/roadmaps/{roadmap_id}/retry", "/retry-tasks/{task_id}"}
 
 
-def test_draining_a_real_queue_leaves_a_failed_record_to_its_visibility_timeout(
-    connection: Connection, queues: Queues, db: Engine, load_event: Any
-) -> None:
-    # GIVEN 21 queued messages, one of which the LLM throttles
+def queue_the_seed_with_c15_throttled(connection: Connection, load_event: Any) -> CountingGenerator:
+    """The seed's 21 tutorials queued through detect; a generator whose LLM
+    throttles c15's tutorial every time."""
     seed_scenario(connection)
     connection.commit()
     invoke("detect", load_event("api-retry.json"))
     generator = CountingGenerator()
     generator.failures[("c15", "tutorial")] = TransientGenerationError("ThrottlingException")
+    return generator
+
+
+def test_draining_a_real_queue_leaves_a_failed_record_to_its_visibility_timeout(
+    connection: Connection, queues: Queues, db: Engine, load_event: Any
+) -> None:
+    # GIVEN 21 queued messages, one of which the LLM throttles
+    generator = queue_the_seed_with_c15_throttled(connection, load_event)
 
     # WHEN the queue is drained as a real one (content-retry drain against AWS)
     report = drain(
@@ -201,11 +208,7 @@ def test_drain_dead_letters_a_record_that_keeps_failing_with_its_reason(
     connection: Connection, queues: Queues, db: Engine, load_event: Any
 ) -> None:
     # GIVEN 21 queued messages, one of which the LLM never manages
-    seed_scenario(connection)
-    connection.commit()
-    invoke("detect", load_event("api-retry.json"))
-    generator = CountingGenerator()
-    generator.failures[("c15", "tutorial")] = TransientGenerationError("ThrottlingException")
+    generator = queue_the_seed_with_c15_throttled(connection, load_event)
 
     # WHEN the local poller drains the queue through the generate handler
     report = drain(queues.sqs, queues.queue_url, deps=worker_deps(db, queues.sqs, generator))
