@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "B6": "benchmarks.b6_pgbouncer",
     "B7": "benchmarks.b7_shipped_imports",
     "B8": "benchmarks.b8_parallel_generation",
+    "B9": "benchmarks.b9_quota",
 }
 
 

@@ -19,12 +19,25 @@ What it answers:
   ``{"answer": "..."}``;
 - with ``throttle_rate``, that share of requests is refused with 429
   ``ThrottlingException``; with ``malformed_rate``, that share of answers
-  breaks the schema (a required property missing) or holds no JSON at all.
+  breaks the schema (a required property missing) or holds no JSON at all;
+- with ``tokens_per_minute`` and/or ``requests_per_minute``, an account's
+  on-demand quota, per model id, as Amazon Bedrock enforces it: a request
+  reserves its input tokens plus its ``inferenceConfig.maxTokens`` (and one
+  request) when it starts, is refused at once with 429 ``ThrottlingException``
+  when that does not fit what is left, and gives back the unused part of its
+  reservation (``maxTokens`` minus its output tokens) when its answer is done.
+  The quota is two token buckets per model, full at the start and refilled
+  continuously (a minute's worth a minute), shared by every client of the
+  server (several worker processes calling one URL meet one quota). A request
+  reserving more than a minute's worth of tokens is never let through.
 
 Answers are deterministic: the content depends only on the seed and the
 request, and the throttle/malformed draws on the seed, the request and how many
 times that same request was seen before, so a retried request gets a fresh draw
 while a run repeats exactly (whatever order concurrent threads arrive in).
+
+The random throttle and the quota are independent: a request the random draw
+throttles reserves nothing; one it lets through still has to fit the quota.
 
 Usage::
 
@@ -33,8 +46,8 @@ Usage::
         ...
         print(bedrock.stats())
 
-``python -m content_retry_local.bedrock_server --port 8123 --latency 1`` runs
-one in the foreground.
+``python -m content_retry_local.bedrock_server --port 8123 --latency 1
+--tokens-per-minute 100000`` runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -56,7 +69,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 from urllib.parse import unquote, urlsplit
 
 logger = logging.getLogger(__name__)
@@ -64,6 +77,8 @@ logger = logging.getLogger(__name__)
 _CONVERSE_PATH = re.compile(r"^/model/(?P<model_id>[^/]+)/converse$")
 _ATTEMPT = re.compile(r"attempt=(\d+)")
 _THROTTLE_MESSAGE = "Too many requests, please wait before trying again."
+# What Bedrock says when a request does not fit the tokens-per-minute quota.
+_TOKENS_MESSAGE = "Too many tokens, please wait before trying again."
 # A schema nested deeper than this gets only its required properties and the
 # fewest array items it allows, so recursive schemas still end.
 _SHALLOW_DEPTH = 12
@@ -89,7 +104,7 @@ class BedrockStats:
     answered: int = 0
     """Requests answered with HTTP 200 (malformed answers included)."""
     throttled: int = 0
-    """Requests refused with 429 ThrottlingException."""
+    """Requests refused with 429 ThrottlingException: by the random draw or by the quota."""
     rejected: int = 0
     """Requests refused with 400 ValidationException."""
     malformed: int = 0
@@ -105,6 +120,19 @@ class BedrockStats:
     output_tokens: int = 0
     max_in_flight: int = 0
     """The most Converse requests being handled at the same time."""
+    quota_throttled: int = 0
+    """Requests the quota refused (429 ThrottlingException; counted in ``throttled`` too)."""
+    quota_throttled_requests: int = 0
+    """Of ``quota_throttled``, those refused by requests per minute (checked before
+    tokens); the others did not fit the tokens per minute left."""
+    reserved_tokens: int = 0
+    """Tokens the requests let through reserved when they started: input tokens plus
+    ``maxTokens`` (``DEFAULT_MAX_TOKENS`` when absent). Counted with or without a quota."""
+    released_tokens: int = 0
+    """The unused part of those reservations given back when the answers were done
+    (``maxTokens`` minus output tokens). An answer longer than ``maxTokens`` releases
+    nothing and takes its excess from the quota, so what the quota is charged in the
+    end is ``total_tokens``."""
 
     @property
     def total_tokens(self) -> int:
@@ -647,6 +675,84 @@ def _error(status: int, error_type: str, message: str) -> _Reply:
     return _Reply(status, {"message": message}, error_type)
 
 
+# --------------------------------------------------------------------------- quota
+
+
+DEFAULT_MAX_TOKENS = 4096
+"""What a request without ``inferenceConfig.maxTokens`` reserves for its answer
+(Bedrock reserves the model's own maximum, often far more)."""
+
+
+def quota_limited_seconds(
+    tokens: int,
+    requests: int,
+    /,
+    *,
+    tokens_per_minute: int | None,
+    requests_per_minute: int | None,
+    burst: bool = False,
+) -> float:
+    """The least time a quota lets ``requests`` calls taking ``tokens`` in all go through.
+
+    ``max(tokens / tokens_per_minute, requests / requests_per_minute) * 60``, a
+    limit of None counting for nothing: the drain time of a caller pacing itself
+    perfectly at the quota's rate. Pass the tokens the calls take for good
+    (``BedrockStats.total_tokens``: input plus output) for that ideal; their
+    reservations (``reserved_tokens``) give the time of a caller that never
+    counts on a refund. With ``burst``, the buckets are taken to be full at the
+    start, as a fresh quota is: a minute's worth goes at once, and only the rest
+    is paced.
+    """
+    if tokens < 0 or requests < 0:
+        raise ValueError("tokens and requests are counts, zero or more")
+    minutes = 0.0
+    for used, limit in ((tokens, tokens_per_minute), (requests, requests_per_minute)):
+        if limit is not None:
+            _check_limit("a per-minute limit", limit)
+            minutes = max(minutes, ((used - limit) if burst else used) / limit)
+    return minutes * 60
+
+
+def _check_limit(name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number above 0, or None for no limit: {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be above 0 (None for no limit), not {value}")
+
+
+class _Bucket:
+    """A token bucket refilled continuously: ``capacity`` a minute, full at the start.
+
+    Not locked itself: the server calls it under its lock.
+    """
+
+    def __init__(self, capacity: int, now: float) -> None:
+        self.capacity = float(capacity)
+        self.rate = capacity / 60.0
+        self.level = float(capacity)
+        self.updated = now
+
+    def refill(self, now: float) -> float:
+        if now > self.updated:
+            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+            self.updated = now
+        return self.level
+
+    def give(self, amount: float) -> None:
+        """Give back (or, negative, take more than was reserved: the level may go below 0)."""
+        self.level = min(self.capacity, self.level + amount)
+
+
+@dataclass
+class _ModelQuota:
+    """One model's buckets (Bedrock's on-demand quota is per account and model)."""
+
+    tokens: _Bucket | None
+    requests: _Bucket | None
+
+
 # --------------------------------------------------------------------------- the server
 
 
@@ -728,7 +834,19 @@ class LocalBedrock:
     benchmark may change them while the server runs. Each request sleeps
     ``latency`` seconds in its own thread, so concurrent calls overlap as they
     do on the real service.
+
+    ``tokens_per_minute`` and ``requests_per_minute`` (None: no limit) are the
+    account's on-demand quota for each model id (see the module's docstring);
+    ``set_quota()`` changes it while the server runs.
+
+    Raises:
+        ValueError: a latency below 0, a rate outside 0..1, or a per-minute
+            limit that is not a whole number above 0.
     """
+
+    # The servers running in this process, by endpoint (see serving()).
+    _running: ClassVar[dict[str, LocalBedrock]] = {}
+    _running_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(
         self,
@@ -738,6 +856,8 @@ class LocalBedrock:
         seed: int = 0,
         *,
         throttle_latency: float = 0.0,
+        tokens_per_minute: int | None = None,
+        requests_per_minute: int | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -755,6 +875,10 @@ class LocalBedrock:
         self._counters = BedrockStats()
         self._in_flight = 0
         self._seen: dict[str, int] = {}
+        self._tokens_per_minute: int | None = None
+        self._requests_per_minute: int | None = None
+        self._quotas: dict[str, _ModelQuota] = {}
+        self.set_quota(tokens_per_minute, requests_per_minute)
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -774,13 +898,19 @@ class LocalBedrock:
             daemon=True,
         )
         self._thread.start()
+        with LocalBedrock._running_lock:
+            LocalBedrock._running[self.endpoint] = self
         return self
 
     def stop(self) -> None:
         """Stop serving and close every connection, kept-alive ones included; idempotent."""
-        server, self._server = self._server, None
-        if server is None:
+        if self._server is None:
             return
+        endpoint = self.endpoint
+        with LocalBedrock._running_lock:
+            if LocalBedrock._running.get(endpoint) is self:
+                del LocalBedrock._running[endpoint]
+        server, self._server = self._server, None
         self._stopping.set()  # wakes requests sleeping their latency
         server.shutdown()
         with server.connections_lock:
@@ -817,6 +947,16 @@ class LocalBedrock:
         """The endpoint URL, for ``endpoint_url`` or ``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``."""
         return f"http://{self._address[0]}:{self.port}"
 
+    @classmethod
+    def serving(cls, endpoint: str) -> LocalBedrock | None:
+        """The LocalBedrock of this process serving ``endpoint``, if one is.
+
+        For code that was handed only the endpoint (``AWS_ENDPOINT_URL_BEDROCK_RUNTIME``)
+        of a server this process started, to set its quota or read its stats.
+        """
+        with cls._running_lock:
+            return cls._running.get(endpoint.rstrip("/"))
+
     def environ(self) -> dict[str, str]:
         """Environment variables pointing boto3's bedrock-runtime clients here."""
         return {"AWS_ENDPOINT_URL_BEDROCK_RUNTIME": self.endpoint}
@@ -851,6 +991,98 @@ class LocalBedrock:
                 max_pool_connections=max_pool_connections,
             ),
         )
+
+    # -- quota
+
+    @property
+    def tokens_per_minute(self) -> int | None:
+        """The tokens-per-minute quota of each model id, or None."""
+        return self._tokens_per_minute
+
+    @property
+    def requests_per_minute(self) -> int | None:
+        """The requests-per-minute quota of each model id, or None."""
+        return self._requests_per_minute
+
+    def set_quota(
+        self, tokens_per_minute: int | None = None, requests_per_minute: int | None = None
+    ) -> None:
+        """Enforce this quota from now on (None lifts a limit), every model's buckets full.
+
+        Requests in flight give their unused reservation back to the new buckets.
+
+        Raises:
+            ValueError: a limit that is not a whole number above 0.
+        """
+        _check_limit("tokens_per_minute", tokens_per_minute)
+        _check_limit("requests_per_minute", requests_per_minute)
+        with self._lock:
+            self._tokens_per_minute = tokens_per_minute
+            self._requests_per_minute = requests_per_minute
+            self._quotas.clear()
+
+    def reset_quota(self) -> None:
+        """Every model's buckets full again, as after a quiet minute."""
+        with self._lock:
+            self._quotas.clear()
+
+    def quota_limited_seconds(self, tokens: int, requests: int, /, *, burst: bool = False) -> float:
+        """``quota_limited_seconds`` at this server's quota (0.0 without one)."""
+        return quota_limited_seconds(
+            tokens,
+            requests,
+            tokens_per_minute=self._tokens_per_minute,
+            requests_per_minute=self._requests_per_minute,
+            burst=burst,
+        )
+
+    def _model_quota(self, model_id: str, now: float) -> _ModelQuota:
+        """The model's buckets, refilled to ``now`` (created full); call under the lock."""
+        quota = self._quotas.get(model_id)
+        if quota is None:
+            tpm, rpm = self._tokens_per_minute, self._requests_per_minute
+            quota = _ModelQuota(
+                tokens=None if tpm is None else _Bucket(tpm, now),
+                requests=None if rpm is None else _Bucket(rpm, now),
+            )
+            self._quotas[model_id] = quota
+        for bucket in (quota.tokens, quota.requests):
+            if bucket is not None:
+                bucket.refill(now)
+        return quota
+
+    def _reserve(self, model_id: str, tokens: int) -> str | None:
+        """Take one request and ``tokens`` from the model's quota, both or neither.
+
+        Returns None when they were taken, else the ThrottlingException's message.
+        """
+        with self._lock:
+            quota = self._model_quota(model_id, time.monotonic())
+            counters = self._counters
+            refusal = None
+            if quota.requests is not None and quota.requests.level < 1:
+                refusal = _THROTTLE_MESSAGE
+                counters.quota_throttled_requests += 1
+            elif quota.tokens is not None and quota.tokens.level < tokens:
+                refusal = _TOKENS_MESSAGE
+            if refusal is not None:
+                counters.quota_throttled += 1
+                counters.throttled += 1
+                return refusal
+            if quota.requests is not None:
+                quota.requests.level -= 1
+            if quota.tokens is not None:
+                quota.tokens.level -= tokens
+            counters.reserved_tokens += tokens
+            return None
+
+    def _settle(self, model_id: str, reserved: int, used: int) -> None:
+        """The answer is done: give back what it reserved and did not use (or take the excess)."""
+        with self._lock:
+            self._counters.released_tokens += max(0, reserved - used)
+            quota = self._model_quota(model_id, time.monotonic())
+            if quota.tokens is not None:
+                quota.tokens.give(reserved - used)
 
     # -- counters
 
@@ -899,7 +1131,7 @@ class LocalBedrock:
         digest = hashlib.sha256(
             json.dumps([model_id, request], sort_keys=True).encode()
         ).hexdigest()
-        seed, latency = self.seed, self.latency
+        seed = self.seed
         with self._lock:
             seen = self._seen.get(digest, 0)
             self._seen[digest] = seen + 1
@@ -908,9 +1140,29 @@ class LocalBedrock:
             with self._lock:
                 self._counters.throttled += 1
             return _error(429, "ThrottlingException", _THROTTLE_MESSAGE)
-        malformed = _unit(seed, "malformed", digest, seen) < self.malformed_rate
 
-        rng = _rng(seed, "content", digest)
+        # The quota: input tokens plus maxTokens reserved now, the unused part
+        # given back once the answer is done.
+        input_tokens = _tokens(conversation.input_chars)
+        reserved = input_tokens + (conversation.max_tokens or DEFAULT_MAX_TOKENS)
+        refusal = self._reserve(model_id, reserved)
+        if refusal is not None:
+            return _error(429, "ThrottlingException", refusal)
+        output_tokens = 0
+        try:
+            malformed = _unit(seed, "malformed", digest, seen) < self.malformed_rate
+            reply, output_tokens = self._answered(
+                conversation, _rng(seed, "content", digest), started, malformed=malformed
+            )
+        finally:
+            self._settle(model_id, reserved, input_tokens + output_tokens)
+        return reply
+
+    def _answered(
+        self, conversation: _Conversation, rng: random.Random, started: float, *, malformed: bool
+    ) -> tuple[_Reply, int]:
+        """The answer to a request let through, after its latency; and its output tokens."""
+        latency = self.latency
         subject = subject_of(conversation.prompt)
         stop_reason = "end_turn"
         block: dict[str, Any]
@@ -953,7 +1205,7 @@ class LocalBedrock:
                 counters.tool_uses[name] = counters.tool_uses.get(name, 0) + 1
             else:
                 counters.text_answers += 1
-        return _Reply(
+        reply = _Reply(
             200,
             {
                 "output": {"message": {"role": "assistant", "content": [block]}},
@@ -966,6 +1218,7 @@ class LocalBedrock:
                 "metrics": {"latencyMs": int((time.monotonic() - started) * 1000)},
             },
         )
+        return reply, output_tokens
 
     @staticmethod
     def _text_answer(prompt: str, subject: str, rng: random.Random, *, malformed: bool) -> str:
@@ -988,15 +1241,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--throttle-rate", type=float, default=0.0)
     parser.add_argument("--malformed-rate", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokens-per-minute", type=int, default=None, help="quota per model id (default: none)"
+    )
+    parser.add_argument(
+        "--requests-per-minute", type=int, default=None, help="quota per model id (default: none)"
+    )
     options = parser.parse_args(argv)
-    bedrock = LocalBedrock(
-        latency=options.latency,
-        throttle_rate=options.throttle_rate,
-        malformed_rate=options.malformed_rate,
-        seed=options.seed,
-        host=options.host,
-        port=options.port,
-    ).start()
+    try:
+        bedrock = LocalBedrock(
+            latency=options.latency,
+            throttle_rate=options.throttle_rate,
+            malformed_rate=options.malformed_rate,
+            seed=options.seed,
+            tokens_per_minute=options.tokens_per_minute,
+            requests_per_minute=options.requests_per_minute,
+            host=options.host,
+            port=options.port,
+        ).start()
+    except ValueError as exc:
+        parser.error(str(exc))
     print(f"AWS_ENDPOINT_URL_BEDROCK_RUNTIME={bedrock.endpoint}", flush=True)
     try:
         threading.Event().wait()

@@ -54,18 +54,65 @@ def _demo(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    latency = args.llm_latency
+    if args.llm_quota is not None:
+        # A quota is the local Bedrock's: it implies the bedrock generator.
+        latency = QUOTA_DEFAULT_LATENCY if latency is None else latency
+        problem = _quota_problem(args.llm_quota[0])
+        if problem:
+            print(f"error: --llm-quota: {problem}", file=sys.stderr)
+            return 2
     # The demo narrates what the handlers do; their own events are for --verbose.
     _quiet_handlers(args.verbose, level="CRITICAL")
     print("content-retry demo: the seed's failure and its repair, on this machine")
     # A database of its own: its sweep plans every roadmap it finds, and the
     # other local commands' database may hold roadmaps someone put there.
     with local_environment(
-        aws="thread", state_dir=LOCAL_STATE_DIR / "demo", llm_latency=args.llm_latency
+        aws="thread", state_dir=LOCAL_STATE_DIR / "demo", llm_latency=latency
     ) as environment:
         print(
             f"   database: {environment.database}, AWS: {environment.aws}, LLM: {environment.llm}\n"
         )
-        return run_demo(environment)
+        return run_demo(environment, llm_quota=args.llm_quota)
+
+
+# The local Bedrock's seconds a call when --llm-quota is given without --llm-latency.
+QUOTA_DEFAULT_LATENCY = 0.5
+# A generous bound on the input tokens of one of the demo's Converse calls (the
+# prompt and the content's tool schema: about 300).
+_DEMO_INPUT_TOKENS = 1000
+_QUOTA_FORM = (
+    "give TPM or TPM,RPM: the tokens, and optionally the requests, a minute the "
+    "model's quota allows, whole numbers above 0 (e.g. 100000 or 100000,60)"
+)
+
+
+def _quota(value: str) -> tuple[int, int | None]:
+    """``TPM[,RPM]`` -> (tokens per minute, requests per minute or None)."""
+    parts = [part.strip() for part in value.split(",")]
+    try:
+        numbers = [int(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or any(number <= 0 for number in numbers):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a quota: {_QUOTA_FORM}")
+    return numbers[0], (numbers[1] if len(numbers) == 2 else None)
+
+
+def _quota_problem(tokens_per_minute: int) -> str | None:
+    """Why no call could ever fit this tokens-per-minute quota, or None."""
+    from content_retry.settings import get_settings
+
+    max_tokens = get_settings().bedrock_max_tokens
+    least = max_tokens + _DEMO_INPUT_TOKENS
+    if tokens_per_minute >= least:
+        return None
+    return (
+        f"{tokens_per_minute} tokens a minute cannot hold a single call of the demo: each "
+        f"reserves its input tokens (up to about {_DEMO_INPUT_TOKENS}) plus its maxTokens "
+        f"(BEDROCK_MAX_TOKENS={max_tokens}) when it starts. Give at least {least}, better "
+        "several times that (e.g. 20000 or 20000,60), as TPM or TPM,RPM."
+    )
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
@@ -269,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="generate through Bedrock's Converse API (tool use), served by a local Bedrock "
         "that takes this long a call; default: the offline template generator",
+    )
+    demo.add_argument(
+        "--llm-quota",
+        type=_quota,
+        default=None,
+        metavar="TPM[,RPM]",
+        help="the local Bedrock enforces this on-demand quota (tokens, and optionally "
+        "requests, a minute) as Bedrock does: a call reserves its input plus maxTokens "
+        "and is throttled when that does not fit. Implies the Bedrock generator "
+        f"(--llm-latency default {QUOTA_DEFAULT_LATENCY:g} s)",
     )
 
     db = commands.add_parser("db", help="database administration")

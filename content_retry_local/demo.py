@@ -11,12 +11,14 @@ the rest, and checks the end state (exit status 1 when it is wrong).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TextIO
 
 from sqlalchemy import Engine, text
@@ -26,6 +28,7 @@ from content_retry.content_types import ContentType
 from content_retry.generators import ContentGenerator, Generation
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, RetryMessage
+from content_retry_local.bedrock_server import LocalBedrock
 from content_retry_local.environment import LocalEnvironment
 from content_retry_local.lambda_runtime import (
     DrainReport,
@@ -51,6 +54,15 @@ CHECK_SQL = (
     "WHERE roadmap_id = 'agent-performance-optimization-x5y9z2q8' AND is_latest "
     "GROUP BY content_status;"
 )
+
+# A drain pass ends at the first empty receive; records the worker returned with
+# a delay (a throttled LLM) are then in flight, so the demo polls for them this
+# often, and gives up when the queue has not moved for STALL_SECONDS.
+POLL_SECONDS = 0.5
+STALL_SECONDS = 120.0
+
+# An LLM quota: tokens, and requests or None, a minute.
+Quota = tuple[int, int | None]
 
 
 class DemoGenerator:
@@ -90,6 +102,7 @@ class Demo:
     dlq_url: str
     out: TextIO = sys.stdout
     problems: list[str] = field(default_factory=list)
+    stall_seconds: float = STALL_SECONDS
 
     def say(self, line: str = "") -> None:
         print(line, file=self.out, flush=True)
@@ -133,20 +146,136 @@ class Demo:
 
         return show
 
+    def drain_all(self, label: str, total: int, deps: Any) -> DrainReport:
+        """Drain the retry queue until it holds no message, in flight included.
+
+        One ``drain`` pass stops when a receive finds nothing visible, while
+        records the worker returned with a delay (waiting for the LLM quota) may
+        still be in flight: the demo waits for them and drains again, until the
+        queue is empty or has not moved for ``stall_seconds`` (a problem).
+        """
+        show = self.progress(label, total)
+        so_far = DrainReport()
+
+        def on_batch(report: DrainReport, size: int, failed: int) -> None:
+            show(_added(so_far, report), size, failed)
+
+        left = queue_depth(self.sqs, self.queue_url)
+        moved_at = time.monotonic()
+        while left:
+            report = drain(self.sqs, self.queue_url, on_batch=on_batch, deps=deps)
+            so_far = _added(so_far, report)
+            before, left = left, queue_depth(self.sqs, self.queue_url)
+            if report.succeeded or left < before:
+                moved_at = time.monotonic()
+            elif left and time.monotonic() - moved_at > self.stall_seconds:
+                self.check(
+                    False,
+                    f"{left} message(s) still on the retry queue, none done for "
+                    f"{self.stall_seconds:.0f} s",
+                )
+                break
+            if left:
+                time.sleep(POLL_SECONDS)
+        return so_far
+
+
+def _added(first: DrainReport, second: DrainReport) -> DrainReport:
+    return DrainReport(
+        **{f.name: getattr(first, f.name) + getattr(second, f.name) for f in fields(DrainReport)}
+    )
+
+
+def _local_bedrock() -> LocalBedrock:
+    """The local Bedrock this process started for the demo (--llm-latency)."""
+    from content_retry.settings import get_settings
+
+    endpoint = get_settings().aws_endpoint_url_bedrock_runtime
+    bedrock = LocalBedrock.serving(endpoint) if endpoint else None
+    if bedrock is None:
+        raise ValueError("an LLM quota needs the local Bedrock the demo starts (--llm-latency)")
+    return bedrock
+
+
+@contextmanager
+def _worker_told_quota(quota: Quota) -> Iterator[None]:
+    """The worker is given the account's quota, as a deployment configures it."""
+    from content_retry.settings import get_settings
+
+    values = {"LLM_QUOTA_TOKENS_PER_MINUTE": str(quota[0])}
+    if quota[1] is not None:
+        values["LLM_QUOTA_REQUESTS_PER_MINUTE"] = str(quota[1])
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        get_settings.cache_clear()
+
+
+def _describe_quota(quota: Quota) -> str:
+    tokens, requests = quota
+    return f"{tokens} tokens" + (f" and {requests} requests" if requests else "") + " a minute"
+
+
+def _quota_summary(bedrock: LocalBedrock, quota: Quota) -> str:
+    """What the quota did: calls it throttled, tokens reserved and given back."""
+    stats = bedrock.stats()
+    by_requests = (
+        f" ({stats.quota_throttled_requests} for requests a minute)"
+        if stats.quota_throttled_requests
+        else ""
+    )
+    least = bedrock.quota_limited_seconds(stats.total_tokens, stats.answered, burst=True)
+    return (
+        f"   LLM quota ({_describe_quota(quota)}): {stats.quota_throttled} of "
+        f"{stats.requests} Converse requests throttled by it{by_requests}\n"
+        f"     {stats.reserved_tokens} tokens reserved, {stats.released_tokens} given back; "
+        f"its {stats.answered} answers need at least {least:.1f} s of it"
+    )
+
 
 def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "none"
 
 
-def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
+def run_demo(
+    environment: LocalEnvironment, out: TextIO = sys.stdout, *, llm_quota: Quota | None = None
+) -> int:
     """Run the demo in its own local environment; returns the exit status.
+
+    Args:
+        llm_quota: tokens, and requests or None, a minute: the local Bedrock
+            (started by the environment, ``llm_latency``) enforces this quota
+            per model as Bedrock does, and the worker is told it.
 
     Raises:
         ValueError: the database or the queues are not ones this process
-            started (the demo stages a fault; it never touches what it did not create).
+            started (the demo stages a fault; it never touches what it did not create),
+            or a quota was given without the local Bedrock.
     """
     if not environment.all_its_own:
         raise ValueError(f"the demo runs only on what it started itself, not on {environment}")
+    if llm_quota is None:
+        return _run_demo(environment, out, None, None)
+    bedrock = _local_bedrock()
+    bedrock.set_quota(*llm_quota)
+    with _worker_told_quota(llm_quota):
+        return _run_demo(environment, out, bedrock, llm_quota)
+
+
+def _run_demo(
+    environment: LocalEnvironment,
+    out: TextIO,
+    bedrock: LocalBedrock | None,
+    llm_quota: Quota | None,
+) -> int:
     from content_retry.aws import client
     from content_retry.database import get_engine
     from content_retry.settings import get_settings
@@ -164,6 +293,18 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
         out=out,
     )
     say = demo.say
+    if bedrock is not None and llm_quota is not None:
+        # A throttled record may wait for a call's worth of quota; a few such waits
+        # without progress, not one, mean the demo is stuck.
+        demo.stall_seconds = max(
+            STALL_SECONDS, 3 * 60 * 2 * settings.bedrock_max_tokens / llm_quota[0]
+        )
+        say(
+            f"   LLM quota: {_describe_quota(llm_quota)} per model, enforced by the local "
+            "Bedrock as Bedrock does\n   (a call reserves its input tokens plus maxTokens); "
+            "the worker is told it, as a deployment is (LLM_QUOTA_*)"
+        )
+        say()
 
     # 1. The seed, fresh each run (the demo's roadmap only: nothing else is touched).
     with engine.begin() as connection:
@@ -237,7 +378,7 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
     worker = replace(configured, generator=generator)
     try:
         say("4. The generate function drains the queue (the 8th save loses its connection)")
-        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("generate", queued), deps=worker)
+        demo.drain_all("generate", queued, worker)
         dead = demo.sqs.receive_message(
             QueueUrl=demo.dlq_url,
             MaxNumberOfMessages=10,
@@ -253,16 +394,21 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
                 kept.generated.tutorial.title if kept.generated and kept.generated.tutorial else "-"
             )
             say(f'   - {kept.concept.concept_id} ({reason}), generated content kept: "{title}"')
-        demo.check(len(dead) == 1, "one message should be dead-lettered with its content")
+        # The invocation whose save lost its connection touches the database no
+        # more (DESIGN §12): its other messages already generated are
+        # dead-lettered with their content too, as many as finished after the cut.
+        demo.check(
+            bool(dead) and all(RetryMessage.model_validate_json(m["Body"]).generated for m in dead),
+            "the messages whose save lost the connection should be dead-lettered "
+            "with their content",
+        )
         calls_before_redrive = generator.calls
         say()
 
         # 5. Re-drive: the content is saved without calling the LLM again.
         moved = redrive(demo.sqs, demo.dlq_url, demo.queue_url, use_move_task=False)
         say(f"5. Re-drive: {moved.moved} message(s) moved back ({moved.method}); draining again")
-        drain(
-            demo.sqs, demo.queue_url, on_batch=demo.progress("re-drive", moved.moved), deps=worker
-        )
+        demo.drain_all("re-drive", moved.moved, worker)
         say(
             f"   LLM calls before the re-drive: {calls_before_redrive}, after: {generator.calls} "
             f"(the saved content came from the message)"
@@ -275,7 +421,7 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
         sweep = invoke("detect", sweep_event)
         say(f"6. The schedule sweep (events/schedule-sweep.json) -> {json.dumps(sweep)}")
         swept = queue_depth(demo.sqs, demo.queue_url)
-        drain(demo.sqs, demo.queue_url, on_batch=demo.progress("sweep", swept), deps=worker)
+        demo.drain_all("sweep", swept, worker)
         demo.check(sweep.get("retried_count") == 5, "the sweep should plan the 5 failed items")
         say()
     finally:
@@ -316,6 +462,8 @@ def run_demo(environment: LocalEnvironment, out: TextIO = sys.stdout) -> int:
         f"   LLM calls: {generator.calls} ({calls_before_redrive} for the 21 tutorials, "
         f"0 for the re-drive, {generator.calls - calls_before_redrive} for the sweep)"
     )
+    if bedrock is not None and llm_quota is not None:
+        say(_quota_summary(bedrock, llm_quota))
     say(f"   DLQ depth: {dlq_depth}   retry queue depth: {queue_left}")
     if task is not None:
         say(f"   task {task.task_id}: {task.status} {task.counts.model_dump()}")

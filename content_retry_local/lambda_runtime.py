@@ -143,6 +143,57 @@ class DrainReport:
     received: int = 0
     succeeded: int = 0
     failed: int = 0
+    # Of ``failed``: records the handler gave a visibility of its own (a delay
+    # while the LLM quota has no room), left in flight until it runs out.
+    delayed: int = 0
+
+
+class _VisibilitySet:
+    """The receipt handles whose visibility the handler changed itself during one
+    invocation (``ChangeMessageVisibility`` answered 200 on any of ``clients``)."""
+
+    _OPERATION = "sqs.ChangeMessageVisibility"
+
+    def __init__(self, clients: list[Any]) -> None:
+        self._clients = [c for c in clients if hasattr(getattr(c, "meta", None), "events")]
+        self.handles: set[str] = set()
+
+    def _before(self, params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        context["drain_receipt_handle"] = params.get("ReceiptHandle")
+
+    def _after(self, http_response: Any, context: dict[str, Any], **_: Any) -> None:
+        handle = context.get("drain_receipt_handle")
+        if handle and getattr(http_response, "status_code", 500) < 300:
+            self.handles.add(handle)
+
+    def _hooks(self) -> list[tuple[str, Callable[..., None]]]:
+        return [
+            (f"before-parameter-build.{self._OPERATION}", self._before),
+            (f"after-call.{self._OPERATION}", self._after),
+        ]
+
+    def __enter__(self) -> _VisibilitySet:
+        for client in self._clients:
+            for name, hook in self._hooks():
+                client.meta.events.register(name, hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for client in self._clients:
+            for name, hook in self._hooks():
+                client.meta.events.unregister(name, hook)
+
+
+def _handler_sqs(sqs: Any, deps: Any) -> list[Any]:
+    """The SQS clients the generate handler may set a visibility through: its
+    dependencies' (the process's own client when none are given) and drain's."""
+    if deps is not None:
+        handler_sqs = getattr(deps, "sqs", None)
+    else:
+        from content_retry.aws import client
+
+        handler_sqs = client("sqs")
+    return list({id(c): c for c in (sqs, handler_sqs) if c is not None}.values())
 
 
 def drain(
@@ -160,10 +211,15 @@ def drain(
     Records the handler reports failed are left to the queue, so SQS's
     redrive policy moves a record that keeps failing to the DLQ after
     maxReceiveCount receives. On a local queue they are made visible again at
-    once, so a drain sees them through; on a real one (``real_queue``) they
-    wait out the visibility timeout, as with Lambda: retried at once, a
-    throttled LLM would use up every receive in seconds. Stops when the queue
-    shows no message (a real queue is long-polled, which short polling can miss).
+    once, so a drain sees them through, unless the handler set a visibility
+    of its own (a record waiting for the LLM quota returns after a short
+    delay): that one is left in flight until its delay runs out, as in AWS,
+    instead of being received again at once by a worker that would only wait
+    again. On a real queue (``real_queue``) every failed record waits out its
+    visibility, as with Lambda: retried at once, a throttled LLM would use up
+    every receive in seconds. Stops when the queue shows no visible message (a
+    real queue is long-polled, which short polling can miss); records still
+    in flight then are the caller's to wait for (``queue_depth`` counts them).
 
     Args:
         batch_size: records per invocation; default the template's BatchSize.
@@ -178,6 +234,7 @@ def drain(
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
         "Attributes"
     ]["QueueArn"]
+    clients = _handler_sqs(sqs, deps)
     report = DrainReport()
     while report.batches < max_batches:
         messages = sqs.receive_message(
@@ -190,7 +247,8 @@ def drain(
         if not messages:
             break
         records = [_record_of(message, queue_arn) for message in messages]
-        response = invoke("generate", {"Records": records}, deps)
+        with _VisibilitySet(clients) as visibility_set:
+            response = invoke("generate", {"Records": records}, deps)
         failed_ids = {item["itemIdentifier"] for item in response.get("batchItemFailures", [])}
         done = [m for m in messages if m["MessageId"] not in failed_ids]
         if done:
@@ -201,7 +259,11 @@ def drain(
                 ],
             )
         for message in messages:
-            if message["MessageId"] in failed_ids and not real_queue:
+            if message["MessageId"] not in failed_ids:
+                continue
+            if message["ReceiptHandle"] in visibility_set.handles:
+                report.delayed += 1  # the handler's own delay stands
+            elif not real_queue:
                 sqs.change_message_visibility(
                     QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
                 )

@@ -78,6 +78,19 @@ def sqs_event(bodies: Iterable[str]) -> dict[str, Any]:
     return {"Records": records}
 
 
+def redriven_event(messages: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """An SQS event of dead-lettered messages moved back as a re-drive moves them:
+    body and message attributes kept (``messages`` as ReceiveMessage gives them)."""
+    from content_retry_local.lambda_runtime import sqs_record
+
+    return {
+        "Records": [
+            sqs_record(m["Body"], f"redriven-{n}", message_attributes=m.get("MessageAttributes"))
+            for n, m in enumerate(messages)
+        ]
+    }
+
+
 def reset_process_caches() -> None:
     """Forget the process's settings, clients, engine and generator (they are
     created on first use from the environment, which a test just changed)."""

@@ -24,7 +24,14 @@ from content_retry_local.sessions import EngineSessions
 from functions.detect.app import lambda_handler as detect_handler
 from functions.generate.app import lambda_handler as generate_handler
 from tests.conftest import FakeLambdaContext, Queues
-from tests.support import CountingGenerator, detect_deps, load_event, sqs_event, worker_deps
+from tests.support import (
+    CountingGenerator,
+    detect_deps,
+    load_event,
+    redriven_event,
+    sqs_event,
+    worker_deps,
+)
 
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
 
@@ -182,10 +189,11 @@ def test_a_redriven_message_that_carries_its_content_costs_no_call(
     calls = len(generator.calls)
 
     # WHEN it is re-driven
-    response = generate_handler(sqs_event([dead[0]["Body"]]), lambda_context, deps=worker)
+    response = generate_handler(redriven_event(dead), lambda_context, deps=worker)
 
     # THEN its items are saved without a call: what they cost is what the first
-    # delivery paid (noted when it was dead-lettered), once
+    # delivery paid (carried by the dead-letter copy, whose invocation could not
+    # note it), once
     assert response == {"batchItemFailures": []}
     assert len(generator.calls) == calls == 2
     concept_id = json.loads(body)["concept"]["concept_id"]

@@ -372,13 +372,17 @@ def test_a_queue_refusing_every_message_is_a_503_that_says_it_failed(
     connection.commit()
     detect.sqs = FlakySqs(queues.sqs, lambda body: True)
 
-    status, body = respond(load_event("api-retry.json"), lambda_context, detect)
+    response = lambda_handler(load_event("api-retry.json"), lambda_context, deps=detect)
+    body = json.loads(response["body"])
 
-    assert status == 503
+    assert response["statusCode"] == 503
     assert body["success"] is False
     assert body["retried_count"] == 0
     assert "could not be queued" in body["message"]
     assert queues.depth() == 0
+    # and, as every 503 of the API, it says when to ask again
+    headers = {**response.get("headers", {}), **response.get("multiValueHeaders", {})}
+    assert headers["Retry-After"] in ("30", ["30"])
 
 
 def test_a_crash_between_commit_and_send_loses_nothing(

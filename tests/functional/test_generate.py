@@ -17,9 +17,12 @@ from sqlalchemy import Connection, Engine, text
 from content_retry.content_store import save_message
 from content_retry.content_types import ContentType
 from content_retry.database import BatchConnection, build_engine
+from content_retry.generation import THROTTLED_DELAY_SECONDS
 from content_retry.generators import (
+    ConfigurationError,
     MalformedOutputError,
     PermanentGenerationError,
+    ThrottledError,
     TransientGenerationError,
 )
 from content_retry.generators.template import TemplateGenerator
@@ -256,8 +259,10 @@ def test_a_connection_killed_during_the_save_dead_letters_the_content_and_redriv
     assert kept.generated is not None
     assert kept.generated.tutorial is not None
     assert kept.generated.tutorial.title.startswith(kept.concept.name)
+    # ... and the invocation left the database alone after its failure: the
+    # item still holds its claim as running, for the re-drive to settle
     status = ledger_item(db, concept_id).status
-    assert status == "dead_lettered"
+    assert status == "running"
 
     # WHEN that message is re-driven (the database is back)
     generator.before_call = None
@@ -447,7 +452,7 @@ def test_too_little_time_left_fails_the_rest_without_calling_the_llm(
     worker.settings = worker.settings.model_copy(update={"generate_parallelism": 1})
 
     def time_passes(*_: str) -> None:
-        lambda_context.remaining_ms = 10_000  # after the first call, 10 s are left
+        lambda_context.remaining_ms = 40_000  # after the first call, 40 s are left
 
     generator.before_call = time_passes
 
@@ -638,8 +643,9 @@ def test_a_failed_save_ends_the_items_that_failed_for_good_and_the_redrive_calls
     # WHEN the generate function takes it, and the save fails
     response = generate_handler(sqs_event([body]), lambda_context, deps=worker)
 
-    # THEN the message is in the DLQ with the tutorial, the quiz has ended as
-    # failed with its reason, and no item is left running (held as a claim)
+    # THEN the message is in the DLQ with the tutorial; the invocation touched
+    # the database no more after its failure, so both items still hold their
+    # claims as running, for the re-drive to settle
     assert response == {"batchItemFailures": []}
     dead = queues.receive_all(queues.dlq_url)
     assert [m["MessageAttributes"]["reason"]["StringValue"] for m in dead] == ["save_failed"]
@@ -655,18 +661,28 @@ def test_a_failed_save_ends_the_items_that_failed_for_good_and_the_redrive_calls
                 {"c": concept_id},
             )
         }
-    assert items["tutorial"][0] == "dead_lettered"
-    assert items["quiz"] == ("failed", "content filtered")
+    assert items["tutorial"][0] == "running"
+    assert items["quiz"][0] == "running"
 
     # WHEN it is re-driven
     generator.before_call = None
     calls_before = len(generator.calls)
     response = generate_handler(sqs_event([dead[0]["Body"]]), lambda_context, deps=worker)
 
-    # THEN the tutorial is saved from the message and the quiz is not asked for again
+    # THEN the tutorial is saved from the message without the LLM; the quiz,
+    # whose permanent failure could not be noted, is asked once more and ends failed
     assert response == {"batchItemFailures": []}
-    assert len(generator.calls) == calls_before
+    assert [call[1] for call in generator.calls[calls_before:]] == ["quiz"]
     assert latest_tutorials(db)[concept_id][0] == "completed"
+    with db.connect() as c:
+        quiz = c.execute(
+            text(
+                "SELECT status, last_error FROM retry_items WHERE concept_id = :c AND "
+                "content_type = 'quiz'"
+            ),
+            {"c": concept_id},
+        ).one()
+    assert tuple(quiz) == ("failed", "content filtered")
 
 
 @dataclass
@@ -748,3 +764,109 @@ def test_a_failure_noted_after_another_delivery_saved_the_item_leaves_its_status
     assert ledger_item(db, concept_id).status == "succeeded"
     assert framework_statuses(db, "content_status")[concept_id] == "completed"
     assert latest_tutorials(db)[concept_id][0] == "completed"
+
+
+@dataclass
+class RecordingSqs:
+    """SQS that records the visibility changes the worker asks for."""
+
+    sqs: Any
+    visibility: list[int]
+
+    def change_message_visibility(self, **call: Any) -> Any:
+        self.visibility.append(call["VisibilityTimeout"])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sqs, name)
+
+
+def last_delivery(event: dict[str, Any], receives: int = 5) -> dict[str, Any]:
+    for record in event["Records"]:
+        record["attributes"]["ApproximateReceiveCount"] = str(receives)
+    return event
+
+
+def test_a_configuration_fault_returns_the_records_and_fails_no_item(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
+) -> None:
+    # GIVEN three messages, and an account that may not call the model
+    bodies = plan_messages(connection, queues, detect, lambda_context)[:3]
+    concepts = [json.loads(body)["concept"]["concept_id"] for body in bodies]
+    worker.settings = worker.settings.model_copy(update={"generate_parallelism": 1})
+    generator.failures[(concepts[0], "tutorial")] = ConfigurationError(
+        "bedrock AccessDeniedException: You don't have access to the model"
+    )
+
+    # WHEN the generate function takes them
+    with logged_events() as events:
+        response = generate_handler(sqs_event(bodies), lambda_context, deps=worker)
+
+    # THEN every record goes back, after one refused call and no other; no item
+    # and no framework status says failed: it is no item's fault
+    assert len(response["batchItemFailures"]) == 3
+    assert len(generator.calls) == 1
+    assert {ledger_item(db, c).status for c in concepts} == {"running"}
+    assert "failed" not in framework_statuses(db, "content_status").values()
+    assert "retry_generate_configuration_error" in [e["message"] for e in events]
+
+    # WHEN they come back for their last delivery, still refused
+    generator.failures.update(
+        {(c, "tutorial"): generator.failures[(concepts[0], "tutorial")] for c in concepts}
+    )
+    response = generate_handler(last_delivery(sqs_event(bodies)), lambda_context, deps=worker)
+
+    # THEN they are dead-lettered with that reason, as waiting (not failed)
+    assert response["batchItemFailures"] == []
+    dead = queues.receive_all(queues.dlq_url)
+    assert [m["MessageAttributes"]["reason"]["StringValue"] for m in dead] == ["configuration"] * 3
+    assert {ledger_item(db, c).status for c in concepts} == {"dead_lettered"}
+    assert "failed" not in framework_statuses(db, "content_status").values()
+
+
+def test_a_throttled_record_comes_back_in_seconds_and_is_requeued_not_dead_lettered(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    lambda_context: FakeLambdaContext,
+    generator: CountingGenerator,
+    detect: DetectDependencies,
+    worker: WorkerDependencies,
+) -> None:
+    # GIVEN a message whose LLM call the account's quota refuses
+    body = plan_messages(connection, queues, detect, lambda_context)[0]
+    concept_id = json.loads(body)["concept"]["concept_id"]
+    generator.failures[(concept_id, "tutorial")] = ThrottledError("ThrottlingException")
+    visibility: list[int] = []
+    worker.sqs = RecordingSqs(worker.sqs, visibility)
+
+    # WHEN the generate function takes it
+    response = generate_handler(sqs_event([body]), lambda_context, deps=worker)
+
+    # THEN the record goes back, visible again in seconds, and the item is not failed
+    assert response["batchItemFailures"] == [{"itemIdentifier": "message-0"}]
+    assert visibility == [THROTTLED_DELAY_SECONDS]
+    item = ledger_item(db, concept_id)
+    assert item.status == "running"
+
+    # WHEN it is still throttled on its last delivery
+    response = generate_handler(last_delivery(sqs_event([body])), lambda_context, deps=worker)
+
+    # THEN it is sent back to the queue as a fresh message (delayed), never dead-lettered
+    assert response["batchItemFailures"] == []
+    assert queues.receive_all(queues.dlq_url) == []
+    delayed = queues.sqs.get_queue_attributes(
+        QueueUrl=queues.queue_url, AttributeNames=["ApproximateNumberOfMessagesDelayed"]
+    )["Attributes"]["ApproximateNumberOfMessagesDelayed"]
+    assert delayed == "1"
+    # ... and no LLM call was counted for it: the quota refused both before the model ran
+    with db.connect() as check:
+        calls = check.execute(
+            text("SELECT llm_calls FROM retry_items WHERE concept_id = :c"), {"c": concept_id}
+        ).scalar_one()
+    assert calls == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import boto3
 import pytest
@@ -14,14 +15,18 @@ from botocore.stub import Stubber
 from content_retry.aws import BEDROCK_MAX_ATTEMPTS, bedrock_runtime_client
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
-from content_retry.generated import QuizContent, ResourcesContent, TutorialContent
+from content_retry.generated import CONTENT_MODELS, QuizContent, ResourcesContent, TutorialContent
 from content_retry.generators import (
     NO_USAGE,
+    ConfigurationError,
+    CutOffAnswerError,
     MalformedOutputError,
     PermanentGenerationError,
+    ThrottledError,
     TransientGenerationError,
 )
 from content_retry.generators.bedrock import (
+    CUT_OFF_RETRY_FACTOR,
     SYSTEM_PROMPT,
     BedrockGenerator,
     build_prompt,
@@ -29,6 +34,7 @@ from content_retry.generators.bedrock import (
 )
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences
+from content_retry.settings import Settings
 from tests.support import reset_process_caches
 
 MODEL = "anthropic.claude-3-5-haiku-20241022-v1:0"
@@ -199,17 +205,124 @@ def test_throttling_timeouts_and_5xx_are_transient(
         generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
 
 
-@pytest.mark.parametrize(
-    ("code", "status"), [("ValidationException", 400), ("AccessDeniedException", 403)]
-)
-def test_validation_and_access_errors_are_permanent(
-    bedrock: tuple[BedrockGenerator, Stubber], code: str, status: int
+def test_throttling_is_told_apart_from_other_transient_errors(
+    bedrock: tuple[BedrockGenerator, Stubber],
 ) -> None:
     generator, stubber = bedrock
-    stubber.add_client_error("converse", service_error_code=code, http_status_code=status)
+    stubber.add_client_error(
+        "converse", service_error_code="ThrottlingException", http_status_code=429
+    )
 
-    with pytest.raises(PermanentGenerationError, match=code):
+    with pytest.raises(ThrottledError, match="ThrottlingException"):
         generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "message"),
+    [
+        (
+            "AccessDeniedException",
+            403,
+            "You don't have access to the model with the specified model ID.",
+        ),
+        ("ResourceNotFoundException", 404, "Model not found."),
+        (
+            "UnrecognizedClientException",
+            403,
+            "The security token included in the request is invalid.",
+        ),
+        (
+            "ValidationException",
+            400,
+            "Invocation of model ID anthropic.claude-3-7 with on-demand throughput isn't supported. "
+            "Retry your request with the ID or ARN of an inference profile that contains this model.",
+        ),
+        ("ValidationException", 400, "The provided model identifier is invalid."),
+    ],
+    ids=["access-denied", "model-not-found", "bad-credentials", "needs-profile", "bad-model-id"],
+)
+def test_a_refused_model_or_account_is_a_configuration_fault_not_the_items(
+    bedrock: tuple[BedrockGenerator, Stubber], code: str, status: int, message: str
+) -> None:
+    generator, stubber = bedrock
+    stubber.add_client_error(
+        "converse", service_error_code=code, service_message=message, http_status_code=status
+    )
+
+    with pytest.raises(ConfigurationError, match=code):
+        generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
+
+
+def test_a_validation_error_about_the_request_itself_is_the_items_own(
+    bedrock: tuple[BedrockGenerator, Stubber],
+) -> None:
+    generator, stubber = bedrock
+    stubber.add_client_error(
+        "converse",
+        service_error_code="ValidationException",
+        service_message="Input is too long for requested model.",
+        http_status_code=400,
+    )
+
+    with pytest.raises(PermanentGenerationError) as raised:
+        generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
+    assert not isinstance(raised.value, ConfigurationError)
+
+
+def test_an_answer_cut_at_max_tokens_is_tried_once_with_twice_the_budget(
+    bedrock: tuple[BedrockGenerator, Stubber],
+) -> None:
+    generator, stubber = bedrock
+    cut = converse_answer('{"title": "Prompt compression", "summary": "cut', "max_tokens")
+    stubber.add_response("converse", cut, {**_ANY_REQUEST, "inferenceConfig": _budget(4096)})
+    stubber.add_response(
+        "converse", tool_answer(TUTORIAL), {**_ANY_REQUEST, "inferenceConfig": _budget(8192)}
+    )
+
+    generation = generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+
+    assert generation.content.model_dump()["title"] == "Prompt compression"
+    # both calls were paid, and both are counted
+    assert generation.usage.output_tokens == 2 * USAGE["outputTokens"]
+
+
+def test_an_answer_cut_at_both_budgets_fails_the_item_with_that_reason_never_the_same_price(
+    bedrock: tuple[BedrockGenerator, Stubber],
+) -> None:
+    generator, stubber = bedrock
+    cut = converse_answer('{"title": "Prompt compression", "summary": "cut', "max_tokens")
+    stubber.add_response("converse", cut)
+    stubber.add_response("converse", cut)
+
+    with pytest.raises(CutOffAnswerError, match="cut at maxTokens twice") as raised:
+        generator.generate(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+    assert raised.value.usage.input_tokens == 2 * USAGE["inputTokens"]
+
+
+def test_the_content_models_fit_what_the_largest_output_budget_can_write() -> None:
+    # An answer of the retry's budget holds at most this many characters of
+    # text (a token is rarely more than 4.5 characters of English prose; JSON
+    # quoting only adds tokens): a model allowing more could only be met by a
+    # cut answer, paid and failed.
+    largest_budget = Settings().bedrock_max_tokens * CUT_OFF_RETRY_FACTOR
+    chars_at_most = int(largest_budget * 4.5)
+    schema = TutorialContent.model_json_schema()
+    assert schema["properties"]["content_markdown"]["maxLength"] <= chars_at_most
+    for name, model in CONTENT_MODELS.items():
+        assert longest_text(model.model_json_schema()) <= chars_at_most, name
+
+
+def test_a_call_reserves_its_input_and_its_output_budget(
+    bedrock: tuple[BedrockGenerator, Stubber],
+) -> None:
+    generator, _ = bedrock
+
+    reserved = generator.reservation(CONCEPT, ContentType.TUTORIAL, PREFERENCES)
+
+    request = converse_request(
+        MODEL, CONCEPT, ContentType.TUTORIAL, PREFERENCES, output="tool_use", max_tokens=4096
+    )
+    assert 4096 + len(json.dumps(request)) // 4 < reserved < 4096 + len(json.dumps(request))
 
 
 @pytest.mark.parametrize("stop_reason", ["content_filtered", "guardrail_intervened"])
@@ -227,7 +340,7 @@ def test_filtered_content_is_permanent(
     ("answer", "stop_reason"),
     [
         ("Sure! Here is your tutorial about prompt compression.", "end_turn"),
-        ('{"title": "Prompt compression", "summary": "cut', "max_tokens"),
+        ('{"title": "Prompt compression", "summary": "cut', "end_turn"),
         (
             '{"questions": [{"question": "Q?", "options": ["a", "b"], "answer_index": 5, "explanation": "e"}]}',
             "end_turn",
@@ -246,6 +359,38 @@ def test_malformed_text_output_is_told_apart(answer: str, stop_reason: str) -> N
         stubber.add_response("converse", converse_answer(answer, stop_reason))
         with pytest.raises(MalformedOutputError):
             generator.generate(CONCEPT, ContentType.QUIZ, PREFERENCES)
+
+
+_ANY_REQUEST = {
+    "modelId": ANY,
+    "system": ANY,
+    "messages": ANY,
+    "toolConfig": ANY,
+}
+
+
+def _budget(max_tokens: int) -> dict[str, Any]:
+    return {"maxTokens": max_tokens, "temperature": ANY}
+
+
+def longest_text(schema: dict[str, Any]) -> int:
+    """The most characters the schema's strings allow, summed over one instance."""
+    definitions = schema.get("$defs", {})
+
+    def size(node: dict[str, Any]) -> int:
+        if "$ref" in node:
+            return size(definitions[node["$ref"].split("/")[-1]])
+        if node.get("type") == "string":
+            return int(node.get("maxLength", 10**9))
+        if node.get("type") == "array":
+            return int(node.get("maxItems", 10**9)) * size(node["items"])
+        if node.get("type") == "object":
+            return sum(size(child) for child in node.get("properties", {}).values())
+        if "anyOf" in node:
+            return max(size(child) for child in node["anyOf"])
+        return 20  # a number or a boolean
+
+    return size(schema)
 
 
 def test_template_content_is_valid_readable_and_deterministic() -> None:

@@ -515,6 +515,7 @@ def test_the_alarms_are_the_ones_the_on_call_engineer_needs() -> None:
             "5XXError",
             (("ApiName", "content-retry-<Stage>"), ("Stage", "<Stage>")),
         ),
+        (NAMESPACE, "GenerateConfigurationError", (("service", SERVICE),)),
     }
 
     # THEN an alarm watches each
@@ -551,6 +552,39 @@ def test_the_dead_letter_alarm_fires_when_the_dlq_holds_a_message() -> None:
 
     # THEN one message, visible for one minute, is enough
     assert condition == ("Maximum", 0, "GreaterThanThreshold", 1)
+
+
+def test_the_configuration_error_alarm_fires_on_any_occurrence() -> None:
+    # GIVEN the alarm on the records generate returns because Bedrock refuses its
+    # configuration (access denied, model not found, request rejected as a whole)
+    logical_id = "GenerateConfigurationErrorAlarm"
+    properties = resource(logical_id)["Properties"]
+    [metric] = alarm_metrics(logical_id, properties)
+
+    # WHEN its metric and condition are read
+    condition = (
+        properties["Statistic"],
+        properties["Period"],
+        properties["EvaluationPeriods"],
+        properties["Threshold"],
+        properties["ComparisonOperator"],
+        properties["TreatMissingData"],
+    )
+
+    # THEN one returned record in 5 minutes pages, on the metric the worker emits, and
+    # the page names the runbook's section for it and the event to read
+    assert (metric.namespace, metric.name, metric.dimension_map) == (
+        NAMESPACE,
+        "GenerateConfigurationError",
+        {"service": SERVICE},
+    )
+    assert condition == ("Sum", 300, 1, 1, "GreaterThanOrEqualToThreshold", "notBreaching")
+    description = canonical(properties["AlarmDescription"])
+    assert "docs/OPERATIONS.md#generate-configuration-error" in description
+    assert "retry_generate_configuration_error" in description
+    assert f"<{logical_id}.Arn>" in {
+        arn for widget in widgets("alarm") for arn in widget["properties"]["alarms"]
+    }
 
 
 # --- the dashboard -------------------------------------------------------------
@@ -627,6 +661,9 @@ def _required_on_dashboard() -> list[tuple[str, str, dict[str, str], str | None]
     for name in ("ItemsPlanned", "ItemsSaved", "ItemsFailed", "ItemsDeadLettered", "SaveFailures"):
         required.append((NAMESPACE, name, service, None))
     required.append((NAMESPACE, "SweepBacklog", service, None))
+    # The LLM quota's pacing, and the configuration errors its alarm pages on.
+    required.append((NAMESPACE, "LLMCallsPaced", service, None))
+    required.append((NAMESPACE, "GenerateConfigurationError", service, None))
     for name in sorted(PER_CONTENT_TYPE):
         for content_type in ContentType:
             required.append((NAMESPACE, name, {**service, "ContentType": content_type.value}, None))

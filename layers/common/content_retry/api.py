@@ -13,20 +13,38 @@ from typing import Annotated, Any
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.params import Body, Path
-from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
+from aws_lambda_powertools.event_handler.openapi.types import (
+    OpenAPIResponse,
+    OpenAPIResponseHeader,
+)
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 
-from content_retry import __version__
+from content_retry import __version__, deadlines
 from content_retry.concepts import MAX_ID_LENGTH
 from content_retry.content_types import ContentType, UnknownContentTypeError
+from content_retry.database import DATABASE_ERRORS
 from content_retry.messages import Preferences
 from content_retry.observability import logger
 from content_retry.plan import RoadmapNotFoundError
 from content_retry.request_body import BodyError, read_body
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry.tasks import TaskView, task_for_owner
-from content_retry.validation import describe_errors
+from content_retry.validation import clip_error, describe_errors
+
+# API Gateway ends a REST integration after 29 s (its integration timeout) and
+# answers 504 itself: the function must answer first, whatever the database
+# does. The API path's work gets at most API_AT_MOST_SECONDS from the request's
+# start, less API_RESERVE_SECONDS kept to build the answer: every connect and
+# statement is bounded by what is left (content_retry.database.engine), so the
+# answer leaves by 25 s, with the rest of the 29 s for Lambda and API Gateway.
+API_GATEWAY_TIMEOUT_SECONDS = 29
+API_AT_MOST_SECONDS = 27
+API_RESERVE_SECONDS = 2
+# A 503 for a database that failed or did not answer in time asks the caller
+# to wait this long (Retry-After): an RDS Proxy borrow or failover passes in
+# about that time, and asking sooner would only wait on it again.
+DATABASE_RETRY_AFTER_SECONDS = 30
 
 RoadmapId = Annotated[str, Path(min_length=1, description="The roadmap's id")]
 TaskId = Annotated[str, Path(min_length=1, description="A task id from a 202")]
@@ -67,10 +85,23 @@ def _error(status: int, message: str, errors: list[str] | None = None) -> Respon
     )
 
 
-def _json(status: int, body: BaseModel) -> Response[Any]:
-    return Response(status_code=status, content_type="application/json", body=body)
+def _json(status: int, body: BaseModel, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response(status_code=status, content_type="application/json", body=body, headers=headers)
 
 
+def _retry_after() -> dict[str, str]:
+    return {"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)}
+
+
+_RETRY_AFTER: dict[str, OpenAPIResponseHeader] = {
+    "Retry-After": {
+        "description": "Seconds to wait before asking again",
+        "schema": {"type": "integer"},
+    }
+}
+_DATABASE_NOT_ANSWERING = (
+    "The database failed or did not answer in time; ask again after Retry-After seconds"
+)
 _ERRORS: dict[int, OpenAPIResponse] = {
     401: {
         "description": "No caller identity",
@@ -78,6 +109,11 @@ _ERRORS: dict[int, OpenAPIResponse] = {
     },
     404: {
         "description": "Unknown, or not the caller's (never told apart)",
+        "content": {"application/json": {"model": ErrorResponse}},
+    },
+    503: {
+        "description": _DATABASE_NOT_ANSWERING,
+        "headers": _RETRY_AFTER,
         "content": {"application/json": {"model": ErrorResponse}},
     },
 }
@@ -123,6 +159,24 @@ def _no_such_route(exc: Exception) -> Response[ErrorResponse]:
 @app.exception_handler(RoadmapNotFoundError)
 def _roadmap_not_found(exc: RoadmapNotFoundError) -> Response[ErrorResponse]:
     return _error(404, "roadmap not found")
+
+
+@app.exception_handler(list(DATABASE_ERRORS))
+def _database_not_answering(exc: Exception) -> Response[ErrorResponse]:
+    # Any route's database failure: an error, a hang cut off by the deadline,
+    # or too little time left to start a statement. Never a 502: a 503 the
+    # caller can act on. What failed is in the log, not the answer.
+    logger.error("api_database_unavailable", extra={"error": clip_error(repr(exc))})
+    message = (
+        "the database is not answering: retry later "
+        f"(in {DATABASE_RETRY_AFTER_SECONDS} seconds, as Retry-After says)"
+    )
+    return Response(
+        status_code=503,
+        content_type="application/json",
+        body=ErrorResponse(message=message),
+        headers=_retry_after(),
+    )
 
 
 def caller_identity(event: dict[str, Any]) -> str | None:
@@ -172,11 +226,14 @@ def _deps() -> DetectDependencies:
             "description": "Invalid body",
             "content": {"application/json": {"model": ErrorResponse}},
         },
-        503: {
-            "description": "The queue refused every message; nothing was queued",
-            "content": {"application/json": {"model": RetryResponse}},
-        },
         **_ERRORS,
+        503: {
+            "description": "Nothing was queued: the database failed or did not answer in "
+            "time (an ErrorResponse), or the queue refused every message (a RetryResponse); "
+            "ask again after Retry-After seconds",
+            "headers": _RETRY_AFTER,
+            "content": {"application/json": {"model": ErrorResponse | RetryResponse}},
+        },
     },
 )
 def request_retry(
@@ -195,13 +252,15 @@ def request_retry(
         owner=_caller(),
         trigger="api",
     )
+    answer = RetryResponse.model_validate(outcome.as_response())
     if outcome.task_id is None:
-        status = 200
-    elif outcome.retried_count == 0:
-        status = 503
-    else:
-        status = 202
-    return _json(status, RetryResponse.model_validate(outcome.as_response()))
+        return _json(200, answer)
+    if outcome.retried_count == 0:
+        return _json(503, answer, _retry_after())
+    # Queued: a 202, even when the database failed after the commit and the
+    # send was not recorded (start_retry): the messages are in the queue, and
+    # a 503 would ask the caller again for what is already on its way.
+    return _json(202, answer)
 
 
 @app.get(
@@ -222,11 +281,13 @@ def get_retry_task(task_id: TaskId) -> Response[TaskView]:
 def handle_api_event(
     event: dict[str, Any], context: LambdaContext | None, deps: DetectDependencies
 ) -> dict[str, Any]:
-    """Answer one API Gateway REST proxy event.
+    """Answer one API Gateway REST proxy event, within API Gateway's 29 s.
 
     The caller, then the body (:func:`content_retry.request_body.read_body`),
     are checked before routing: a request without identity gets 401 whatever
     else is wrong with it, and a body no parser should see gets its 400 or 413.
+    The route runs under the API's deadline (API_AT_MOST_SECONDS, read when
+    called), and a database that fails or runs out of it gets a 503.
     """
     if caller_identity(event) is None:
         return _raw(401, ErrorResponse(message="no caller identity: sign in"))
@@ -240,9 +301,13 @@ def handle_api_event(
         # The body is read as JSON whatever type it was sent as (a browser's
         # fetch says text/plain): not JSON is a 400, as for any other body.
         event = {**event, "headers": _with_json_content_type(event.get("headers") or {})}
+    deadline = deadlines.Deadline.of_context(
+        context, reserve_seconds=API_RESERVE_SECONDS, at_most_seconds=API_AT_MOST_SECONDS
+    )
     app.append_context(deps=deps)
     try:
-        return app.resolve(event, context)  # type: ignore[arg-type]
+        with deadlines.applied(deadline):
+            return app.resolve(event, context)  # type: ignore[arg-type]
     finally:
         app.clear_context()
 

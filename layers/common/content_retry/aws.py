@@ -12,13 +12,22 @@ from typing import Any
 
 from content_retry.settings import get_settings
 
+# Every call of these clients (SQS sends, Secrets Manager, RDS) is small: an
+# endpoint that does not answer in seconds will not answer in time. At most
+# AWS_CALL_WORST_CASE_SECONDS a call, botocore's retries included, which the
+# generate function keeps in reserve to answer whatever SQS does.
+AWS_MAX_ATTEMPTS = 2
+AWS_CONNECT_TIMEOUT = 2
+AWS_READ_TIMEOUT = 4
+AWS_CALL_WORST_CASE_SECONDS = AWS_MAX_ATTEMPTS * (AWS_CONNECT_TIMEOUT + AWS_READ_TIMEOUT) + 1
+
 
 @cache
 def client(service: str) -> Any:
     """A boto3 client for ``service`` in the configured region and endpoint.
 
     Uses botocore's standard retry mode (exponential backoff with jitter and a
-    bounded number of attempts) for every service.
+    bounded number of attempts) for every service, with short timeouts.
     """
     import boto3
     from botocore.config import Config
@@ -28,7 +37,11 @@ def client(service: str) -> Any:
         service,
         region_name=settings.aws_region,
         endpoint_url=settings.aws_endpoint_url,
-        config=Config(retries={"mode": "standard", "max_attempts": 3}),
+        config=Config(
+            retries={"mode": "standard", "total_max_attempts": AWS_MAX_ATTEMPTS},
+            connect_timeout=AWS_CONNECT_TIMEOUT,
+            read_timeout=AWS_READ_TIMEOUT,
+        ),
     )
 
 

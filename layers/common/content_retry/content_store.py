@@ -25,7 +25,7 @@ from content_retry.database import BatchConnection, refused_data
 from content_retry.generated import ContentModel
 from content_retry.ledger import ItemKey
 from content_retry.messages import RetryMessage
-from content_retry.observability import logger
+from content_retry.observability import logger, metrics
 from content_retry.roadmaps import array_or_empty, patch_concept_statuses
 from content_retry.statuses import ContentStatus, FrameworkStatus, ItemStatus
 
@@ -155,6 +155,23 @@ class SavedMessage:
     versions: dict[ContentType, int | None] = field(default_factory=dict)
     # Items whose content the database refused (then recorded failed), with why.
     refused: dict[ContentType, str] = field(default_factory=dict)
+
+    def log_and_count(self, failed: Mapping[ContentType, str]) -> None:
+        """Log and count what the save came to, with the items that failed permanently."""
+        for content_type, version in self.versions.items():
+            if version is None:
+                logger.info("retry_item_skipped", extra={"content_type": content_type.value})
+                continue
+            logger.info(
+                "retry_item_saved",
+                extra={"content_type": content_type.value, "content_version": version},
+            )
+            metrics.add_metric(name="ItemsSaved", unit="Count", value=1)
+        for content_type, error in {**failed, **self.refused}.items():
+            logger.warning(
+                "retry_item_failed", extra={"content_type": content_type.value, "error": error}
+            )
+            metrics.add_metric(name="ItemsFailed", unit="Count", value=1)
 
 
 def save_message(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from content_retry.content_types import ContentType
 from content_retry.generators.base import Usage
 
 
@@ -31,3 +34,26 @@ class ItemCost:
 
 
 NOT_CALLED = ItemCost()
+
+
+def costs_to_text(costs: Mapping[ContentType, ItemCost]) -> str | None:
+    """What a message's items cost, as the text a dead-letter copy carries."""
+    paid = {
+        ct.value: [c.llm_calls, c.input_tokens, c.output_tokens]
+        for ct, c in costs.items()
+        if c.llm_calls
+    }
+    return json.dumps(paid, separators=(",", ":")) if paid else None
+
+
+def costs_from_text(text: str | None) -> dict[ContentType, ItemCost]:
+    """The costs a dead-letter copy carries; nothing when absent or unreadable
+    (the ledger then misses them, the metrics do not)."""
+    try:
+        data = json.loads(text or "{}")
+        return {
+            ContentType(name): ItemCost(int(calls), int(tokens_in), int(tokens_out))
+            for name, (calls, tokens_in, tokens_out) in data.items()
+        }
+    except (ValueError, TypeError, AttributeError):
+        return {}

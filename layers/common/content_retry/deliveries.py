@@ -9,7 +9,7 @@ generation (ended for their task, or completed by someone else meanwhile).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,12 +17,15 @@ from pydantic import ValidationError
 
 from content_retry import ledger
 from content_retry.content_types import ContentType
+from content_retry.costs import ItemCost, costs_from_text
 from content_retry.database import DATABASE_ERRORS, BatchConnection
 from content_retry.generated import ContentModel
-from content_retry.generation import ItemToGenerate
+from content_retry.generation import ItemToGenerate, MessageRequest
 from content_retry.ledger import DeliveredItem, ItemKey, StartedItem
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger
+from content_retry.queue import PAID_ATTRIBUTE
+from content_retry.statuses import ItemStatus
 from content_retry.validation import describe_errors
 
 
@@ -37,6 +40,8 @@ class Delivery:
     # (SQS delivered it twice at once): acknowledged without an LLM call.
     duplicate: bool = False
     started: dict[ContentType, StartedItem] = field(default_factory=dict)
+    # What a dead-letter copy says its carried content cost (its ``paid`` attribute).
+    carried_costs: dict[ContentType, ItemCost] = field(default_factory=dict)
 
     @property
     def not_planned(self) -> list[ContentType]:
@@ -57,7 +62,7 @@ class Delivery:
         """Open items the message carries no content for (nor content set aside)."""
         carried = self.message.generated if self.message is not None else None
         return [
-            ItemToGenerate(content_type, item.attempts)
+            ItemToGenerate(content_type, item.llm_calls)
             for content_type, item in self.started.items()
             if not item.already_done
             and (
@@ -65,6 +70,35 @@ class Delivery:
                 or (carried.get(content_type) is None and content_type not in carried.unusable)
             )
         ]
+
+    def log_keys(self, message_id: str) -> dict[str, str]:
+        """What every log line about the record carries (DESIGN §11): its message
+        id and, when the body is a retry message, its task, roadmap and concept."""
+        keys = {"message_id": message_id}
+        if self.message is not None:
+            keys |= {
+                "task_id": str(self.message.task_id),
+                "roadmap_id": self.message.roadmap_id,
+                "concept_id": self.message.concept.concept_id,
+            }
+        return keys
+
+    def request(self, message_id: str) -> MessageRequest | None:
+        """What to generate for this record (possibly nothing, when it only
+        carries content to save); None when it has nothing left to do."""
+        message = self.message
+        assert message is not None
+        to_generate = self.items_to_generate()
+        if not to_generate and not self.carried_content() and not self.carried_unusable():
+            return None
+        return MessageRequest(
+            message_id,
+            str(message.task_id),
+            message.roadmap_id,
+            message.concept,
+            message.preferences,
+            to_generate,
+        )
 
     def carried_content(self) -> dict[ContentType, ContentModel]:
         """The content a (re-driven) message carries for its open items: saved
@@ -141,6 +175,8 @@ def prepare_deliveries(database: BatchConnection, records: Sequence[dict[str, An
     items: list[DeliveredItem] = []
     for record in records:
         delivery = deliveries.by_message_id[record.get("messageId", "")] = Delivery()
+        paid = (record.get("messageAttributes") or {}).get(PAID_ATTRIBUTE) or {}
+        delivery.carried_costs = costs_from_text(paid.get("stringValue"))
         try:
             delivery.message = read_message(record.get("body") or "")
         except ValueError as exc:
@@ -168,3 +204,25 @@ def prepare_deliveries(database: BatchConnection, records: Sequence[dict[str, An
                 key.content_type: started[key] for key in item_keys(delivery.message)
             }
     return deliveries
+
+
+def note_outcomes(
+    database: BatchConnection,
+    keys: Sequence[ItemKey],
+    notes: Mapping[ContentType, tuple[ItemStatus, str]],
+    costs: Mapping[ItemKey, ItemCost],
+) -> None:
+    """Note items' outcomes and what their calls cost, if the database lets us:
+    the message (returned or dead-lettered) stays the record of truth, and a
+    note that cannot be written is left for a later delivery to settle."""
+    by_type = {key.content_type: key for key in keys}
+    try:
+        with database.transaction() as connection:
+            for content_type, (status, error) in notes.items():
+                if content_type in by_type:
+                    ledger.record_outcomes(
+                        connection, [by_type[content_type]], status=status, error=error
+                    )
+            ledger.add_costs(connection, costs)
+    except DATABASE_ERRORS:
+        logger.warning("retry_ledger_not_updated")

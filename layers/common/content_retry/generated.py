@@ -37,8 +37,14 @@ def _storable(text: str) -> str:
     return text
 
 
-Text = Annotated[str, Field(min_length=1, max_length=200_000), AfterValidator(_storable)]
-ShortText = Annotated[str, Field(min_length=1, max_length=2_000), AfterValidator(_storable)]
+# The limits agree with what one answer can hold: every model's largest
+# instance fits the output budget of a retried cut answer (2 x BEDROCK_MAX_TOKENS
+# = 8,192 tokens, about 36,000 characters; a test holds them together), so a
+# limit is never met only by an answer that was cut and paid for.
+Text = Annotated[str, Field(min_length=1, max_length=32_000), AfterValidator(_storable)]
+ShortText = Annotated[str, Field(min_length=1, max_length=1_000), AfterValidator(_storable)]
+Sentence = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_storable)]
+Title = Annotated[str, Field(min_length=1, max_length=300), AfterValidator(_storable)]
 Label = Annotated[str, Field(min_length=1, max_length=50), AfterValidator(_storable)]
 
 
@@ -59,7 +65,7 @@ class ContentModel(_Content, ABC):
 
 
 class TutorialContent(ContentModel):
-    title: ShortText
+    title: Title
     summary: ShortText
     content_markdown: Text
 
@@ -71,14 +77,14 @@ class TutorialContent(ContentModel):
 
 
 class Resource(_Content):
-    title: ShortText
+    title: Title
     url: HttpUrl
     kind: Label
-    why: ShortText
+    why: Sentence
 
 
 class ResourcesContent(ContentModel):
-    resources: Annotated[list[Resource], Field(min_length=1, max_length=30)]
+    resources: Annotated[list[Resource], Field(min_length=1, max_length=12)]
 
     def stored_title(self, concept_name: str) -> str:
         return f"Resources: {concept_name}"
@@ -88,14 +94,14 @@ class ResourcesContent(ContentModel):
 
 
 class Question(_Content):
-    question: ShortText
-    options: Annotated[list[ShortText], Field(min_length=4, max_length=4)]
+    question: Sentence
+    options: Annotated[list[Title], Field(min_length=4, max_length=4)]
     answer_index: Annotated[int, Field(ge=0, le=3)]
-    explanation: ShortText
+    explanation: Sentence
 
 
 class QuizContent(ContentModel):
-    questions: Annotated[list[Question], Field(min_length=1, max_length=30)]
+    questions: Annotated[list[Question], Field(min_length=1, max_length=15)]
 
     def stored_title(self, concept_name: str) -> str:
         return f"Quiz: {concept_name}"

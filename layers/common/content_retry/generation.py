@@ -1,54 +1,69 @@
-"""Generating a batch's items, concurrently, and sorting what went wrong (DESIGN §6).
+"""Generating a batch's items, concurrently and paced, and sorting what went wrong.
 
-Needs no database and no queue. Every item of a batch is one LLM call, and
-the calls run at once through a bounded pool of threads (the generate
-function spends its time waiting on the model); each message's result comes
-back as soon as all its items are done, so it can be saved while the others
-are still generating. What became of each item:
+Needs no database and no queue of its own: the quota's pace comes through a
+:class:`CallPacer` and the reasons to stop calling through a callback. Every
+item is one LLM call; the calls run at once through a bounded pool of threads,
+each message's result coming back as soon as its items are done. An item is:
 
 - generated, with what the call cost;
-- failed for good, with its reason: an LLM error that will not pass
-  (validation, content filtered), or an answer that was not valid content
-  (or a generator failing in a way it does not name) on the item's
-  :data:`MALFORMED_OUTPUT_ATTEMPTS`-th attempt;
-- to be tried again later with the whole record: an LLM error that may pass
-  (throttling, timeout, a 5xx), an invalid answer before its bound, or too
-  little time left in the invocation for another call (not called). Once an
-  item of a message is to be tried later, that message's items not yet
-  started are not started: the record comes back anyway.
+- failed permanently, with its reason: an error of the item's own (content
+  filtered, an answer cut at ``maxTokens`` twice), or an answer that was not
+  valid content on its :data:`MALFORMED_OUTPUT_CALLS`-th LLM call;
+- to try later with its record: an error that may pass, the quota (paced or
+  throttled: with a short delay), a configuration fault, or no time or no
+  database left. Such an item was not paid for, or its cost is reported.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.costs import NOT_CALLED, ItemCost
+from content_retry.deadlines import Deadline
 from content_retry.generated import ContentModel
 from content_retry.generators import (
     NO_USAGE,
+    ConfigurationError,
     ContentGenerator,
+    GenerationError,
     MalformedOutputError,
     PermanentGenerationError,
+    ThrottledError,
     TransientGenerationError,
     Usage,
 )
 from content_retry.messages import Preferences
 from content_retry.observability import continue_trace, trace_entity, traced
+from content_retry.pacing import Grant
 
-# The item's attempt (its deliveries so far, whatever ended the earlier ones)
-# from which a malformed answer fails it for good: a model that keeps answering
-# badly is not paid forever. Attempts are what the ledger counts, so a throttled
-# delivery counts too; the bound is on the item's cost, not on bad answers alone.
-MALFORMED_OUTPUT_ATTEMPTS = 3
+# The LLM call (counting the item's earlier calls) on which a malformed answer
+# fails the item permanently: a model that keeps answering badly is not paid
+# forever. Calls are counted, not deliveries: a delivery paced or throttled
+# before its call costs nothing and counts nothing.
+MALFORMED_OUTPUT_CALLS = 3
+# A record throttled by Bedrock comes back after about this long, not after
+# the queue's whole visibility timeout.
+THROTTLED_DELAY_SECONDS = 15
 
 
-class NotEnoughTimeError(TransientGenerationError):
-    """Too little time left in the invocation for another LLM call: try again later."""
+class NotCalledError(TransientGenerationError):
+    """The item was not sent to the LLM (no time, no quota, no database): nothing paid."""
+
+
+class NotEnoughTimeError(NotCalledError):
+    """Too little time left in the invocation for another LLM call."""
+
+
+class PacedError(NotCalledError):
+    """The account's quota has no room for the call before the deadline."""
 
 
 @dataclass(frozen=True)
@@ -58,28 +73,32 @@ class Generated:
 
 
 @dataclass(frozen=True)
-class FailedForGood:
+class FailedPermanently:
     reason: str
     cost: ItemCost
 
 
 @dataclass(frozen=True)
 class TryLater:
-    error: TransientGenerationError
+    error: GenerationError
     cost: ItemCost = NOT_CALLED
+    # Seconds until the record should come back; None: the queue's own timeout.
+    delay_seconds: float | None = None
 
 
-ItemOutcome = Generated | FailedForGood | TryLater
+ItemOutcome = Generated | FailedPermanently | TryLater
 
 
-def _bounded(error: Exception, attempts: int, usage: Usage) -> ItemOutcome:
+def _paid(usage: Usage) -> ItemCost:
+    return ItemCost.of_call(usage)
+
+
+def _malformed(error: Exception, calls: int, usage: Usage) -> ItemOutcome:
     """An invalid answer (or an error the generator does not name): tried again
-    until the item's attempts reach the bound, then failed with its reason."""
-    cost = ItemCost.of_call(usage)
-    if attempts >= MALFORMED_OUTPUT_ATTEMPTS:
-        return FailedForGood(f"{error} (on {attempts} attempts)", cost)
-    if isinstance(error, TransientGenerationError):
-        return TryLater(error, cost)
+    until the item's LLM calls reach the bound, then failed with its reason."""
+    cost = _paid(usage)
+    if calls >= MALFORMED_OUTPUT_CALLS:
+        return FailedPermanently(f"{error} (on {calls} LLM calls)", cost)
     return TryLater(MalformedOutputError(str(error), usage=usage), cost)
 
 
@@ -89,32 +108,38 @@ def generate_item(
     content_type: ContentType,
     preferences: Preferences,
     *,
-    attempts: int,
+    calls: int,
 ) -> ItemOutcome:
     """Call the generator for one item and sort its outcome.
 
     Args:
-        attempts: deliveries of this item so far, this one included.
+        calls: the item's LLM calls, this one included.
     """
     try:
         generation = generator.generate(concept, content_type, preferences)
     except MalformedOutputError as exc:
-        return _bounded(MalformedOutputError(f"malformed output: {exc}"), attempts, exc.usage)
+        return _malformed(MalformedOutputError(f"malformed output: {exc}"), calls, exc.usage)
+    except ThrottledError as exc:
+        # Refused before the model ran: nothing paid, no call counted.
+        throttled = ItemCost(throttled_attempts=max(exc.usage.throttled_attempts, 1))
+        return TryLater(exc, throttled, THROTTLED_DELAY_SECONDS)
+    except ConfigurationError as exc:
+        return TryLater(exc, ItemCost(throttled_attempts=exc.usage.throttled_attempts))
     except TransientGenerationError as exc:
-        return TryLater(exc, ItemCost.of_call(exc.usage))
+        return TryLater(exc, _paid(exc.usage))
     except PermanentGenerationError as exc:
-        return FailedForGood(str(exc), ItemCost.of_call(exc.usage))
+        return FailedPermanently(str(exc), _paid(exc.usage))
     except Exception as exc:  # a generator bug or a library's error: never an item left running
-        return _bounded(
-            RuntimeError(f"generator failed: {type(exc).__name__}: {exc}"), attempts, NO_USAGE
-        )
-    return Generated(generation.content, ItemCost.of_call(generation.usage))
+        error = RuntimeError(f"generator failed: {type(exc).__name__}: {exc}")
+        return _malformed(error, calls, NO_USAGE)
+    return Generated(generation.content, _paid(generation.usage))
 
 
 @dataclass(frozen=True)
 class ItemToGenerate:
     content_type: ContentType
-    attempts: int
+    # LLM calls the ledger recorded for the item before this delivery.
+    calls_before: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,19 +159,38 @@ class MessageGeneration:
     """What generating one message's items came to."""
 
     generated: dict[ContentType, ContentModel] = field(default_factory=dict)
-    failed_for_good: dict[ContentType, str] = field(default_factory=dict)
+    failed_permanently: dict[ContentType, str] = field(default_factory=dict)
     # Set when the record must come back (the first such item's error).
-    try_later: TransientGenerationError | None = None
+    try_later: GenerationError | None = None
+    delay_seconds: float | None = None
     costs: dict[ContentType, ItemCost] = field(default_factory=dict)
 
     def add(self, content_type: ContentType, outcome: ItemOutcome) -> None:
         self.costs[content_type] = outcome.cost
         if isinstance(outcome, Generated):
             self.generated[content_type] = outcome.content
-        elif isinstance(outcome, FailedForGood):
-            self.failed_for_good[content_type] = outcome.reason
-        elif self.try_later is None:
-            self.try_later = outcome.error
+        elif isinstance(outcome, FailedPermanently):
+            self.failed_permanently[content_type] = outcome.reason
+        elif self.try_later is None or isinstance(self.try_later, NotCalledError):
+            # The most telling error: a call's own over "not called".
+            self.try_later, self.delay_seconds = outcome.error, outcome.delay_seconds
+
+
+class CallPacer(Protocol):
+    """The account's LLM quota, shared with every other container."""
+
+    def grant(self, calls: int, tokens_per_call: int, *, throttled: bool) -> Grant:
+        """Take up to ``calls`` calls; ``throttled``: the LLM throttled one since
+        the last grant. Raises what its store raises."""
+        ...
+
+
+class Reserving(Protocol):
+    """A generator that says what a call reserves against the quota."""
+
+    def reservation(
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
+    ) -> int: ...
 
 
 class _MessageInFlight:
@@ -154,8 +198,12 @@ class _MessageInFlight:
         self.request = request
         self.outcomes: dict[ContentType, ItemOutcome] = {}
         # Written by the pool's threads: the first item to be tried later.
-        self.try_later: TransientGenerationError | None = None
+        self.try_later: GenerationError | None = None
         self.lock = threading.Lock()
+
+    @property
+    def done(self) -> bool:
+        return len(self.outcomes) == len(self.request.items)
 
     def result(self) -> MessageGeneration:
         result = MessageGeneration()
@@ -164,13 +212,16 @@ class _MessageInFlight:
         return result
 
 
+_Call = tuple[_MessageInFlight, ItemToGenerate]
+
+
 class BatchGeneration:
-    """Runs a batch's LLM calls at once, at most ``parallelism`` at a time.
+    """Runs a batch's LLM calls at once, at most ``parallelism`` at a time, as
+    the quota allows and while the deadline leaves ``call_budget_seconds``.
 
     Args:
-        seconds_left: the invocation's time left; no call starts with less
-            than ``call_budget_seconds`` of it.
-        parallelism: calls at once; 1 makes them in the batch's order, one by one.
+        pacer: the shared quota (None: calls are not paced).
+        stop_reason: why no more calls should start (the database failed), or None.
     """
 
     def __init__(
@@ -178,67 +229,150 @@ class BatchGeneration:
         generator: ContentGenerator,
         *,
         parallelism: int,
-        seconds_left: Callable[[], float],
+        deadline: Deadline,
         call_budget_seconds: float,
+        pacer: CallPacer | None = None,
+        stop_reason: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._generator = generator
         self._parallelism = parallelism
-        self._seconds_left = seconds_left
+        self._deadline = deadline
         self._budget = call_budget_seconds
+        self._pacer = pacer
+        self._external_stop = stop_reason
         self._trace: object = None
+        # Set by any thread: why no call starts any more (a configuration fault).
+        self._stopped: GenerationError | None = None
+        self._throttled = False
+        self._next_grant_at = 0.0
+        self.paced_calls = 0
 
     def run(self, requests: Sequence[MessageRequest]) -> Iterator[tuple[str, MessageGeneration]]:
         """Each message's id and result, as soon as all its items are done."""
         in_flight = [_MessageInFlight(request) for request in requests]
         for message in in_flight:
-            if not message.request.items:
+            if message.done:
                 yield message.request.message_id, MessageGeneration()
-        calls = [(m, item) for m in in_flight for item in m.request.items]
-        if not calls:
+        pending: deque[_Call] = deque((m, item) for m in in_flight for item in m.request.items)
+        if not pending:
             return
-        # The pool's threads carry on this thread's trace, so each call is a
-        # subsegment of the invocation's.
+        # The pool's threads carry on this thread's trace: each call is a subsegment.
         self._trace = trace_entity()
-        with ThreadPoolExecutor(
-            max_workers=min(self._parallelism, len(calls)), thread_name_prefix="llm"
-        ) as pool:
-            futures: dict[Future[ItemOutcome], tuple[_MessageInFlight, ItemToGenerate]] = {
-                pool.submit(self._call, message, item): (message, item) for message, item in calls
-            }
-            for future in as_completed(futures):
-                message, item = futures[future]
-                message.outcomes[item.content_type] = future.result()
-                if len(message.outcomes) == len(message.request.items):
-                    yield message.request.message_id, message.result()
+        futures: dict[Future[ItemOutcome], _Call] = {}
+        with ThreadPoolExecutor(max_workers=self._parallelism, thread_name_prefix="llm") as pool:
+            while pending or futures:
+                settled = self._start_what_may_start(pending, futures, pool)
+                timeout = max(self._next_grant_at - time.monotonic(), 0) if pending else None
+                done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+                if not futures and pending:
+                    time.sleep(timeout or 0)
+                for future in done:
+                    settled.append((*futures.pop(future), future.result()))
+                for message, item, outcome in settled:
+                    message.outcomes[item.content_type] = outcome
+                    if message.done:
+                        yield message.request.message_id, message.result()
+
+    def _start_what_may_start(
+        self,
+        pending: deque[_Call],
+        futures: dict[Future[ItemOutcome], _Call],
+        pool: ThreadPoolExecutor,
+    ) -> list[tuple[_MessageInFlight, ItemToGenerate, ItemOutcome]]:
+        """Submit the calls the quota allows now; returns the pending items that
+        will not be called in this invocation, with why."""
+        if not pending or time.monotonic() < self._next_grant_at:
+            return []
+        reason = self._stop_reason()
+        if reason is not None:
+            return self._give_up(pending, TryLater(reason))
+        grant = self._grant(pending)
+        if isinstance(grant, TryLater):
+            return self._give_up(pending, grant)
+        for _ in range(min(grant.calls, len(pending))):
+            message, item = pending.popleft()
+            futures[pool.submit(self._call, message, item)] = (message, item)
+        if not pending:
+            return []
+        self.paced_calls += len(pending)
+        wait_seconds = max(grant.retry_after_seconds, 0.05)
+        if self._deadline.left() - wait_seconds < self._budget:
+            paced = PacedError(f"the LLM quota has room in {wait_seconds:.1f}s; too late to wait")
+            return self._give_up(pending, TryLater(paced, delay_seconds=wait_seconds))
+        self._next_grant_at = time.monotonic() + wait_seconds
+        return []
+
+    def _grant(self, pending: deque[_Call]) -> Grant | TryLater:
+        if self._pacer is None or not hasattr(self._generator, "reservation"):
+            return Grant(len(pending), 0.0)
+        reserving: Reserving = self._generator  # type: ignore[assignment]
+        per_call = max(
+            reserving.reservation(m.request.concept, item.content_type, m.request.preferences)
+            for m, item in pending
+        )
+        throttled, self._throttled = self._throttled, False
+        try:
+            return self._pacer.grant(len(pending), per_call, throttled=throttled)
+        except Exception as exc:  # the quota's store failed: no call without the pace
+            return TryLater(NotCalledError(f"the LLM quota could not be read: {exc!r}"[:500]))
+
+    def _stop_reason(self) -> GenerationError | None:
+        if self._stopped is not None:
+            return self._stopped
+        external = self._external_stop()
+        return NotCalledError(external) if external is not None else None
+
+    @staticmethod
+    def _give_up(
+        pending: deque[_Call], outcome: TryLater
+    ) -> list[tuple[_MessageInFlight, ItemToGenerate, ItemOutcome]]:
+        given_up: list[tuple[_MessageInFlight, ItemToGenerate, ItemOutcome]] = [
+            (message, item, outcome) for message, item in pending
+        ]
+        pending.clear()
+        return given_up
 
     def _call(self, message: _MessageInFlight, item: ItemToGenerate) -> ItemOutcome:
         with message.lock:
             if message.try_later is not None:
                 return TryLater(message.try_later)
-        left = self._seconds_left()
-        if left < self._budget:
-            outcome: ItemOutcome = TryLater(
+        stopped = self._stop_reason()
+        left = self._deadline.left()
+        if stopped is not None:
+            outcome: ItemOutcome = TryLater(stopped)
+        elif left < self._budget:
+            outcome = TryLater(
                 NotEnoughTimeError(
                     f"{left:.0f}s left in the invocation; an LLM call may take {self._budget:.0f}s"
                 )
             )
         else:
-            request = message.request
-            continue_trace(self._trace)
-            with traced(
-                "llm_call",
-                task_id=request.task_id,
-                roadmap_id=request.roadmap_id,
-                content_type=item.content_type.value,
-            ):
-                outcome = generate_item(
-                    self._generator,
-                    request.concept,
-                    item.content_type,
-                    request.preferences,
-                    attempts=item.attempts,
-                )
+            outcome = self._traced_call(message.request, item)
         if isinstance(outcome, TryLater):
+            self._note_try_later(outcome.error)
             with message.lock:
                 message.try_later = message.try_later or outcome.error
         return outcome
+
+    def _traced_call(self, request: MessageRequest, item: ItemToGenerate) -> ItemOutcome:
+        continue_trace(self._trace)
+        with traced(
+            "llm_call",
+            task_id=request.task_id,
+            roadmap_id=request.roadmap_id,
+            content_type=item.content_type.value,
+        ):
+            return generate_item(
+                self._generator,
+                request.concept,
+                item.content_type,
+                request.preferences,
+                calls=item.calls_before + 1,
+            )
+
+    def _note_try_later(self, error: GenerationError) -> None:
+        if isinstance(error, ThrottledError):
+            self._throttled = True
+        elif isinstance(error, ConfigurationError):
+            # Every other call would be refused the same way.
+            self._stopped = self._stopped or error

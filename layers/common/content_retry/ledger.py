@@ -172,7 +172,7 @@ _COMPLETED_NOW = " ".join(
 _START_ITEMS = text(
     f"""
 WITH current AS (
-  SELECT i.task_id, i.concept_id, i.content_type, i.status,
+  SELECT i.task_id, i.concept_id, i.content_type, i.status, i.llm_calls,
          CASE i.content_type {_COMPLETED_NOW} ELSE false END AS completed_since_task
   FROM retry_items AS i
   JOIN unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]),
@@ -196,7 +196,7 @@ updated AS (
   RETURNING i.task_id, i.concept_id, i.content_type, i.attempts
 )
 SELECT c.task_id, c.concept_id, c.content_type, c.status, c.completed_since_task,
-       coalesce(u.attempts, 0) AS attempts
+       coalesce(u.attempts, 0) AS attempts, c.llm_calls
 FROM current AS c LEFT JOIN updated AS u USING (task_id, concept_id, content_type)
 """  # noqa: S608 - table names come from STORAGE; values are bound  # nosec B608
 )
@@ -220,6 +220,8 @@ class StartedItem:
     attempts: int
     # The platform (or another task) saved completed content since this task began.
     completed_since_task: bool
+    # LLM calls recorded for the item before this delivery.
+    llm_calls: int = 0
 
     @property
     def already_done(self) -> bool:
@@ -259,6 +261,7 @@ def start_items(
             status_before=status,
             attempts=row.attempts,
             completed_since_task=bool(row.completed_since_task) and status not in ENDED_STATUSES,
+            llm_calls=row.llm_calls,
         )
     return {
         item.key: found.get(item.key, StartedItem(item.key, None, 0, completed_since_task=False))

@@ -35,7 +35,7 @@ def record_llm_costs(costs: Mapping[ContentType, ItemCost]) -> None:
     and ``OutputTokens``: what the paid work cost, searchable by content type.
     """
     for content_type, cost in costs.items():
-        if not cost.llm_calls:
+        if not (cost.llm_calls or cost.throttled_attempts):
             continue
         blob = EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)
         blob.add_dimension(name="ContentType", value=content_type.value)

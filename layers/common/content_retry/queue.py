@@ -88,14 +88,26 @@ class DeadLetterError(RuntimeError):
     its reason), so a later attempt sends that and not a poorer copy.
     """
 
-    def __init__(self, problem: str, *, body: str, reason: str, detail: str) -> None:
+    def __init__(
+        self, problem: str, *, body: str, reason: str, detail: str, paid: str | None = None
+    ) -> None:
         super().__init__(problem)
         self.body = body
         self.reason = reason
         self.detail = detail
+        self.paid = paid
 
 
-def dead_letter(sqs: Any, dlq_url: str, body: str, *, reason: str, detail: str) -> None:
+# The message attribute of a dead-letter copy that says what its generated
+# content cost (JSON: content type -> [calls, input tokens, output tokens]):
+# the save of a re-drive adds it to the ledger, whose note could not be written
+# when the database failed. Attributes travel with the message on a re-drive.
+PAID_ATTRIBUTE = "paid"
+
+
+def dead_letter(
+    sqs: Any, dlq_url: str, body: str, *, reason: str, detail: str, paid: str | None = None
+) -> None:
     """Send a body to the dead-letter queue with its reason in message attributes.
 
     Args:
@@ -108,16 +120,19 @@ def dead_letter(sqs: Any, dlq_url: str, body: str, *, reason: str, detail: str) 
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
+    attributes = {
+        "reason": {"DataType": "String", "StringValue": reason},
+        "error": {"DataType": "String", "StringValue": clip_error(detail) or "-"},
+    }
+    if paid:
+        attributes[PAID_ATTRIBUTE] = {"DataType": "String", "StringValue": paid}
     try:
-        sqs.send_message(
-            QueueUrl=dlq_url,
-            MessageBody=body,
-            MessageAttributes={
-                "reason": {"DataType": "String", "StringValue": reason},
-                "error": {"DataType": "String", "StringValue": clip_error(detail) or "-"},
-            },
-        )
+        sqs.send_message(QueueUrl=dlq_url, MessageBody=body, MessageAttributes=attributes)
     except (BotoCoreError, ClientError) as exc:
         raise DeadLetterError(
-            f"dead-letter queue unavailable: {exc}", body=body, reason=reason, detail=detail
+            f"dead-letter queue unavailable: {exc}",
+            body=body,
+            reason=reason,
+            detail=detail,
+            paid=paid,
         ) from exc

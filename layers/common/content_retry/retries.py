@@ -15,12 +15,23 @@ from typing import Any
 from sqlalchemy import Engine
 
 from content_retry import ledger
-from content_retry.messages import Preferences, messages_for_plan
+from content_retry.database import DATABASE_ERRORS
+from content_retry.messages import Preferences, RetryMessage, messages_for_plan
 from content_retry.observability import logger, metrics
 from content_retry.plan import RetryPlan, build_retry_plan
 from content_retry.plan.models import Reason
-from content_retry.queue import send_retry_messages
+from content_retry.queue import SendResult, send_retry_messages
 from content_retry.settings import Settings
+from content_retry.validation import clip_error
+
+
+class DatabaseNotAnsweringError(ConnectionError):
+    """The database failed, or did not answer within the invocation's deadline.
+
+    What a direct invoke and the sweep raise (the API answers 503 instead): a
+    clear error for the caller, the database's own in ``__cause__``. Nothing
+    it interrupted holds an item beyond the claim lease (see :func:`start_retry`).
+    """
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,9 @@ class RetryOutcome:
     reasons: dict[str, int]
     unsent_count: int = 0
     messages_sent: int = 0
+    # The database did not record which messages were sent: the claims of the
+    # unsent items were not released, and hold until the claim lease passes.
+    sends_unrecorded: bool = False
 
     @property
     def message(self) -> str:
@@ -40,9 +54,14 @@ class RetryOutcome:
             return "nothing needs retry: every item has completed content or is already queued"
         text_ = f"queued {self.retried_count} item(s) in {self.messages_sent} message(s)"
         if self.unsent_count:
+            when = (
+                "once their claim lease has passed"
+                if self.sends_unrecorded
+                else "by the next request or sweep"
+            )
             text_ += (
                 f"; {self.unsent_count} item(s) could not be queued and will be planned "
-                "again by the next request or sweep"
+                f"again {when}"
             )
         return text_
 
@@ -96,9 +115,21 @@ def start_retry(
     holds while its message waits in the queue, however long; entries that
     cannot be sent release their claims right away.
 
+    Every statement is bounded by the deadline in force
+    (:mod:`content_retry.deadlines`). A database that fails or does not answer
+    in time:
+
+    - before the commit: the error is raised and nothing is claimed (cut off
+      during the COMMIT itself, the claims may have been written: they expire
+      after the lease, as after a crash);
+    - after the commit: the messages are sent all the same, and the outcome
+      says what was queued (:func:`_record_sends`).
+
     Raises:
         UnknownContentTypeError: a content type is unknown, or the list is empty.
         RoadmapNotFoundError: no such roadmap, or it is not ``owner``'s.
+        SQLAlchemyError, OSError: the database failed or ran out of time before
+            the commit (``content_retry.database.DATABASE_ERRORS``).
     """
     queue_url = deps.settings.require("retry_queue_url")
     preferences = preferences or Preferences()
@@ -122,27 +153,40 @@ def start_retry(
     _log_plan(plan, task_id, trigger)
     if task_id is None:
         return RetryOutcome(None, 0, plan.count_by_type(), plan.count_by_reason())
+    return _send(deps, queue_url, plan, task_id, messages)
 
+
+def _send(
+    deps: DetectDependencies,
+    queue_url: str,
+    plan: RetryPlan,
+    task_id: str,
+    messages: list[RetryMessage],
+) -> RetryOutcome:
+    """Send a committed task's messages, record what was sent, and say what was queued.
+
+    The send is made whatever is left of the deadline: the claims are
+    committed, and only a sent message makes them worth holding (left unsent,
+    they would hold their items back for a whole lease for nothing). A send
+    takes milliseconds, well within the reserve the deadline keeps to answer;
+    the deadline bounds the database, the SQS client's own timeouts the send.
+    """
     sent = send_retry_messages(deps.sqs, queue_url, messages, sleep=deps.sleep)
-    unsent_items = 0
-    first_error = next(iter(sent.failed.values()), "")
-    # The sent items' claims now hold while their messages wait in the queue, and
-    # the unsent ones are released: one transaction. A crash before it leaves
-    # the claims to their lease: items planned again, never lost.
-    with deps.engine.begin() as connection:
-        ledger.mark_sent(connection, task_id, sent.sent)
-        if sent.failed:
-            unsent_items = ledger.release_unsent(connection, task_id, sent.failed, first_error)
+    released = _record_sends(deps, task_id, sent)
     if sent.failed:
         logger.error(
             "retry_messages_unsent",
-            extra={"task_id": task_id, "concept_ids": sorted(sent.failed), "error": first_error},
+            extra={
+                "task_id": task_id,
+                "concept_ids": sorted(sent.failed),
+                "error": next(iter(sent.failed.values())),
+            },
         )
     logger.info(
         "retry_messages_sent",
         extra={
             "task_id": task_id,
-            "roadmap_id": roadmap_id,
+            "roadmap_id": plan.roadmap_id,
             "messages_sent": len(sent.sent),
             "messages_unsent": len(sent.failed),
             "sqs_calls": sent.api_calls,
@@ -152,6 +196,7 @@ def start_retry(
     queued = [
         (concept, item) for concept, item in plan.items if concept.concept_id in queued_concepts
     ]
+    unsent = sum(1 for concept, _ in plan.items if concept.concept_id in sent.failed)
     metrics.add_metric(name="ItemsPlanned", unit="Count", value=len(queued))
     return RetryOutcome(
         task_id=task_id,
@@ -163,9 +208,42 @@ def start_retry(
         reasons={
             reason.value: sum(1 for _, item in queued if item.reason is reason) for reason in Reason
         },
-        unsent_count=unsent_items,
+        unsent_count=unsent if released is None else released,
         messages_sent=len(sent.sent),
+        sends_unrecorded=released is None,
     )
+
+
+def _record_sends(deps: DetectDependencies, task_id: str, sent: SendResult) -> int | None:
+    """Record the send in one transaction: the sent items' claims now hold while
+    their messages wait in the queue, and the unsent ones are released.
+
+    Returns the number of items released, or None when the database failed or
+    ran out of time and nothing was recorded. The messages are in the queue by
+    then, so that failure is not the request's: it answers with what was
+    queued (the API's 202, or its 503 when nothing was), and the worker takes
+    those messages as any other (it needs no record of the send). Unrecorded,
+    every claim of the task holds for the lease only, as after a crash between
+    commit and send: the unsent items are planned again once it has passed.
+    """
+    try:
+        with deps.engine.begin() as connection:
+            ledger.mark_sent(connection, task_id, sent.sent)
+            if not sent.failed:
+                return 0
+            first_error = next(iter(sent.failed.values()))
+            return ledger.release_unsent(connection, task_id, sent.failed, first_error)
+    except DATABASE_ERRORS as exc:
+        logger.error(
+            "retry_sends_unrecorded",
+            extra={
+                "task_id": task_id,
+                "messages_sent": len(sent.sent),
+                "messages_unsent": len(sent.failed),
+                "error": clip_error(repr(exc)),
+            },
+        )
+        return None
 
 
 def _log_plan(plan: RetryPlan, task_id: str | None, trigger: str) -> None:

@@ -92,6 +92,22 @@ class Settings(BaseModel):
         default=180, alias="LLM_CALL_BUDGET_SECONDS"
     )
 
+    # The account's Bedrock on-demand quota for the model, when known (Service
+    # Quotas: tokens and requests per minute). Every generate container together
+    # stays within it (content_retry.pacing); unset, the pacing learns the
+    # quota from throttles.
+    llm_quota_tokens_per_minute: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, alias="LLM_QUOTA_TOKENS_PER_MINUTE"
+    )
+    llm_quota_requests_per_minute: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, alias="LLM_QUOTA_REQUESTS_PER_MINUTE"
+    )
+    # Output tokens one Converse call may produce (inferenceConfig.maxTokens);
+    # an answer cut at it is tried once more with twice as many.
+    bedrock_max_tokens: Annotated[int, Field(ge=256, le=64_000)] = Field(
+        default=4096, alias="BEDROCK_MAX_TOKENS"
+    )
+
     aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
     aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
     # botocore's own name for a service's endpoint: a local Bedrock beside moto.

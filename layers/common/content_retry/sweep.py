@@ -8,19 +8,23 @@ the size of the tables; the judge then decides each roadmap's items.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
-from content_retry import ledger
+from content_retry import deadlines, ledger
 from content_retry.claims import live_claim
 from content_retry.content_types import STORAGE
+from content_retry.database import DATABASE_ERRORS
+from content_retry.database.engine import trips_breaker
 from content_retry.observability import logger, metrics, traced
 from content_retry.plan import RoadmapNotFoundError
-from content_retry.retries import DetectDependencies, start_retry
+from content_retry.retries import DatabaseNotAnsweringError, DetectDependencies, start_retry
 from content_retry.settings import SettingsError
 from content_retry.statuses import ContentStatus, FrameworkStatus, ItemStatus
+from content_retry.validation import clip_error
 
 # Roadmaps whose framework_data shows some item not completed (a missing or null
 # status counts). Only the sweep's candidate filter: the judge still decides
@@ -104,6 +108,31 @@ class SweepOutcome:
         }
 
 
+# Of the invocation's time, kept to log, flush the metrics and answer: every
+# statement of the sweep is bounded by what is left of the function's timeout
+# less this (content_retry.deadlines). SWEEP_RESERVE_SECONDS, larger, is what a
+# roadmap must have left to be started.
+SWEEP_DEADLINE_RESERVE_SECONDS = 2
+
+
+class _SampledClock:
+    """The invocation's time left, read from ``source`` when sampled and counted
+    down by the monotonic clock in between: the one clock of the sweep's loop
+    and of its deadline. The context is read once per roadmap, as before the
+    deadline, however many statements the deadline bounds; Lambda's context
+    counts down with the same clock, so the figures are the same."""
+
+    def __init__(self, source: Callable[[], float]) -> None:
+        self._source = source
+        self.sample()
+
+    def sample(self) -> None:
+        self._left, self._at = self._source(), time.monotonic()
+
+    def __call__(self) -> float:
+        return self._left - (time.monotonic() - self._at)
+
+
 def sweep(
     deps: DetectDependencies, seconds_left: Callable[[], float] = lambda: float("inf")
 ) -> SweepOutcome:
@@ -115,26 +144,50 @@ def sweep(
     ``SWEEP_RESERVE_SECONDS`` are left, and what is left waits for the next
     run (the ``SweepBacklog`` metric). Each roadmap is planned in its own
     transaction, so one failure does not undo the others.
+
+    Every statement is bounded by ``seconds_left`` (the invocation's time)
+    less SWEEP_DEADLINE_RESERVE_SECONDS, through the deadline the sweep
+    applies (:mod:`content_retry.deadlines`).
+
+    Raises:
+        DatabaseNotAnsweringError: the database failed or did not answer in
+            time; the sweep stopped there (what it planned stays planned, what
+            it left waits for the next run, both reported first).
     """
-    with traced("sweep"):
-        outcome = _sweep(deps, seconds_left)
-    metrics.add_metric(name="SweepBacklog", unit="Count", value=outcome.backlog)
-    if outcome.claims_expired:
-        metrics.add_metric(name="ClaimsExpired", unit="Count", value=outcome.claims_expired)
-    logger.info(
-        "retry_sweep_finished",
-        extra={
-            **outcome.as_response(),
-            "backlog": outcome.backlog,
-            "claims_expired": outcome.claims_expired,
-        },
-    )
+    clock = _SampledClock(seconds_left)
+    deadline = deadlines.Deadline(clock, reserve_seconds=SWEEP_DEADLINE_RESERVE_SECONDS)
+    outcome = SweepOutcome()
+    try:
+        with traced("sweep"), deadlines.applied(deadline):
+            _sweep(deps, clock, outcome)
+    except DATABASE_ERRORS as exc:
+        _report(outcome, error=exc)
+        raise DatabaseNotAnsweringError(
+            "the sweep stopped: the database failed or did not answer in time "
+            f"({clip_error(repr(exc))}); {outcome.roadmaps_scanned} roadmap(s) judged, "
+            f"{outcome.roadmaps_planned} planned, the rest wait for the next run"
+        ) from exc
+    _report(outcome)
     return outcome
 
 
-def _sweep(deps: DetectDependencies, seconds_left: Callable[[], float]) -> SweepOutcome:
+def _report(outcome: SweepOutcome, error: BaseException | None = None) -> None:
+    metrics.add_metric(name="SweepBacklog", unit="Count", value=outcome.backlog)
+    if outcome.claims_expired:
+        metrics.add_metric(name="ClaimsExpired", unit="Count", value=outcome.claims_expired)
+    details = {
+        **outcome.as_response(),
+        "backlog": outcome.backlog,
+        "claims_expired": outcome.claims_expired,
+    }
+    if error is None:
+        logger.info("retry_sweep_finished", extra=details)
+    else:
+        logger.error("retry_sweep_stopped", extra={**details, "error": clip_error(repr(error))})
+
+
+def _sweep(deps: DetectDependencies, clock: _SampledClock, outcome: SweepOutcome) -> None:
     settings = deps.settings
-    outcome = SweepOutcome()
     with deps.engine.begin() as connection:
         outcome.claims_expired = ledger.expire_unseen_claims(
             connection, settings.queue_retention_minutes
@@ -149,14 +202,16 @@ def _sweep(deps: DetectDependencies, seconds_left: Callable[[], float]) -> Sweep
             },
         ).all()
     candidates = [row.roadmap_id for row in rows]
-    total = rows[0].candidates if rows else 0
-    for roadmap_id in candidates:
-        if seconds_left() < settings.sweep_reserve_seconds:
+    # Until the sweep stops, every candidate not yet judged is left for the next run.
+    outcome.backlog = rows[0].candidates if rows else 0
+    for number, roadmap_id in enumerate(candidates):
+        if number:
+            clock.sample()
+        if clock() < settings.sweep_reserve_seconds:
             break
-        outcome.roadmaps_scanned += 1
         _plan_one(deps, roadmap_id, outcome)
-    outcome.backlog = total - outcome.roadmaps_scanned
-    return outcome
+        outcome.roadmaps_scanned += 1
+        outcome.backlog -= 1
 
 
 def _plan_one(deps: DetectDependencies, roadmap_id: str, outcome: SweepOutcome) -> None:
@@ -170,7 +225,12 @@ def _plan_one(deps: DetectDependencies, roadmap_id: str, outcome: SweepOutcome) 
         return
     except SettingsError:  # the same for every roadmap: the sweep cannot run
         raise
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, DATABASE_ERRORS) and trips_breaker(exc):
+            # The database itself is failing (or out of time): every later
+            # roadmap would wait on it again, so the sweep stops here.
+            # start_retry left nothing claimed beyond the lease.
+            raise
         # One roadmap that cannot be planned must not stop the sweep; the
         # error is logged with its roadmap, and it waits for its next turn.
         logger.exception("retry_sweep_roadmap_failed", extra={"roadmap_id": roadmap_id})

@@ -132,7 +132,13 @@ def read_task(connection: Connection, task_id: str) -> tuple[TaskView, str] | No
 
 
 def task_for_owner(engine: Engine, task_id: str, owner: str) -> TaskView | None:
-    """A task, or None when there is no such task or it is not ``owner``'s."""
+    """A task, or None when there is no such task or it is not ``owner``'s.
+
+    Raises:
+        SQLAlchemyError, OSError: the database failed, or did not answer within
+            the deadline in force (``content_retry.database.DATABASE_ERRORS``;
+            the API answers them 503).
+    """
     try:
         with engine.connect() as connection:
             found = read_task(connection, task_id)

@@ -3,9 +3,17 @@
 from content_retry.database.engine import (
     DATABASE_ERRORS,
     BatchConnection,
+    DatabaseUnavailableError,
     build_engine,
     get_engine,
     refused_data,
 )
 
-__all__ = ["DATABASE_ERRORS", "BatchConnection", "build_engine", "get_engine", "refused_data"]
+__all__ = [
+    "DATABASE_ERRORS",
+    "BatchConnection",
+    "DatabaseUnavailableError",
+    "build_engine",
+    "get_engine",
+    "refused_data",
+]

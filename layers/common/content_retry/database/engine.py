@@ -20,15 +20,26 @@ from typing import Any
 
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 
+from content_retry import deadlines
 from content_retry.database.driver import remember_statement_conversions
 from content_retry.settings import Settings, SettingsError, get_settings
 
 ConnectParams = dict[str, Any]
 
+
+class DatabaseUnavailableError(ConnectionError):
+    """The database failed or hung earlier in this invocation: not tried again.
+
+    A database that hangs makes every statement wait for its timeout; one
+    that fails once in an invocation usually fails the rest of it too.
+    """
+
+
 # Failures of the database, whatever the driver raised: pg8000 lets a reset
-# socket's OSError escape unwrapped.
+# socket's OSError escape unwrapped; a timed-out socket, a deadline that left
+# no time for a statement and a connection given up on are OSErrors too.
 DATABASE_ERRORS = (SQLAlchemyError, OSError)
 
 
@@ -174,7 +185,7 @@ def build_engine(
             connect_args={"timeout": SOCKET_TIMEOUT_SECONDS},
             **pool_args,
         )
-        event.listen(engine, "checkout", _ping_on_checkout)
+        _bound_by_deadline(engine)
         return engine
     if settings.db_auth is None:
         raise SettingsError("set DATABASE_URL, or DB_HOST/DB_NAME/DB_USER with DB_AUTH=iam|secret")
@@ -182,7 +193,7 @@ def build_engine(
     if connect_params is None:
         connect_params = _default_connect_params(settings)
     engine = create_engine(URL.create(_DRIVER), **pool_args)
-    event.listen(engine, "checkout", _ping_on_checkout)
+    _bound_by_deadline(engine)
     resolve = connect_params
 
     @event.listens_for(engine, "do_connect")
@@ -200,6 +211,47 @@ def build_engine(
     return engine
 
 
+def _bound_by_deadline(engine: Engine) -> None:
+    """Bound every connect, ping and statement of ``engine`` by the deadline in
+    force (:mod:`content_retry.deadlines`): the socket waits at most
+    SOCKET_TIMEOUT_SECONDS, or what is left of the invocation if less. A
+    database that hangs then costs the invocation a timeout, never its answer.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect_timeout(dialect: Any, conn_rec: Any, cargs: Any, cparams: ConnectParams) -> None:
+        cparams["timeout"] = deadlines.current().stage(SOCKET_TIMEOUT_SECONDS)
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _statement_timeout(connection: Connection, cursor: Any, *_: Any) -> None:
+        _bound_socket(connection.connection.dbapi_connection)
+
+    event.listen(engine, "checkout", _ping_on_checkout)
+
+
+def _bound_socket(dbapi_connection: Any) -> None:
+    """Give the connection's socket the current stage's time (pg8000 keeps it as
+    ``_usock``; a driver without one keeps its connect-time timeout).
+
+    Raises:
+        DeadlineExceededError: no time is left for a statement.
+    """
+    seconds = deadlines.current().stage(SOCKET_TIMEOUT_SECONDS)
+    sock = getattr(dbapi_connection, "_usock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a driver error was its socket's timeout (pg8000 wraps it)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TimeoutError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _ping_on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any) -> None:
     """Pre-ping: replace a pooled connection that the server or proxy dropped.
 
@@ -209,10 +261,16 @@ def _ping_on_checkout(dbapi_connection: Any, connection_record: Any, proxy: Any)
     ``DisconnectionError`` makes the pool discard the connection and open a
     new one.
     """
+    _bound_socket(dbapi_connection)
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("SELECT 1")
     except Exception as exc:  # any failure of a trivial SELECT means the connection is unusable
+        if _timed_out(exc):
+            # A database that hangs, not a dropped connection: a new connection
+            # (which the pool makes at once for a DisconnectionError) would only
+            # wait as long again.
+            raise DatabaseUnavailableError(f"the database did not answer a ping: {exc!r}") from exc
         raise DisconnectionError(f"pooled connection is unusable: {exc!r}") from exc
     finally:
         # closing a cursor of a dead connection may fail too
@@ -234,10 +292,23 @@ def get_engine() -> Engine:
     return build_engine(get_settings())
 
 
+def trips_breaker(error: BaseException) -> bool:
+    """Whether a failure says the database itself is failing (lost, refused,
+    hung, out of time), not that one statement or its data was wrong."""
+    if isinstance(error, IntegrityError):
+        return False
+    return not refused_data(error)
+
+
 class BatchConnection:
     """One database connection for a whole batch of work (one pre-ping, not one
-    per message), replaced after a failure so one lost connection fails one
-    transaction, not the rest of the batch.
+    per message).
+
+    A circuit breaker: after the first failure of the database itself
+    (:func:`trips_breaker`), every later transaction of this batch raises
+    :class:`DatabaseUnavailableError` at once, so a hanging database costs the
+    invocation one timeout, not one per message. A statement's own failure
+    (a refused value, a unique-index race) only drops the connection.
 
     Use as a context manager; :meth:`transaction` opens one transaction.
     """
@@ -245,6 +316,8 @@ class BatchConnection:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._connection: Connection | None = None
+        # Why the database is not used again in this batch, once it failed.
+        self.unavailable: str | None = None
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -254,22 +327,32 @@ class BatchConnection:
             Whatever the block or the database raised; the connection is then
             dropped, and the next transaction opens a new one.
         """
-        if self._connection is None:
-            self._connection = self._engine.connect()
+        if self.unavailable is not None:
+            raise DatabaseUnavailableError(self.unavailable)
         try:
+            if self._connection is None:
+                self._connection = self._engine.connect()
             with self._connection.begin():
                 yield self._connection
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, DATABASE_ERRORS) and trips_breaker(exc):
+                self.unavailable = f"the database failed earlier in this invocation: {exc!r}"[:500]
             self.close()
             raise
 
     def close(self) -> None:
-        if self._connection is not None:
+        if self._connection is None:
+            return
+        if self.unavailable is not None:
+            # Returned to the pool, the connection would be rolled back there:
+            # one more wait on a database that hangs. Discarded instead.
+            self._connection.invalidate()
+        else:
             try:
                 self._connection.close()
             except DATABASE_ERRORS:
                 self._connection.invalidate()
-            self._connection = None
+        self._connection = None
 
     def __enter__(self) -> BatchConnection:
         return self

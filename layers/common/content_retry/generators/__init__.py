@@ -6,11 +6,14 @@ from functools import lru_cache
 
 from content_retry.generators.base import (
     NO_USAGE,
+    ConfigurationError,
     ContentGenerator,
+    CutOffAnswerError,
     Generation,
     GenerationError,
     MalformedOutputError,
     PermanentGenerationError,
+    ThrottledError,
     TransientGenerationError,
     Usage,
 )
@@ -29,6 +32,7 @@ def get_generator() -> ContentGenerator:
             bedrock_runtime_client(),
             settings.require("bedrock_model_id"),
             output=settings.bedrock_output,
+            max_tokens=settings.bedrock_max_tokens,
         )
     from content_retry.generators.template import TemplateGenerator
 
@@ -37,11 +41,14 @@ def get_generator() -> ContentGenerator:
 
 __all__ = [
     "NO_USAGE",
+    "ConfigurationError",
     "ContentGenerator",
+    "CutOffAnswerError",
     "Generation",
     "GenerationError",
     "MalformedOutputError",
     "PermanentGenerationError",
+    "ThrottledError",
     "TransientGenerationError",
     "Usage",
     "get_generator",

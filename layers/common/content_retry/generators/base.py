@@ -44,6 +44,19 @@ class TransientGenerationError(GenerationError):
     """May pass if tried again later (throttling, timeout, a 5xx): SQS redelivers."""
 
 
+class ThrottledError(TransientGenerationError):
+    """The LLM service refused the call for the account's quota: not the item's
+    fault and nothing paid; the item waits for the quota, however often."""
+
+
+class ConfigurationError(GenerationError):
+    """The LLM service refuses every call as configured (access denied, model
+    not found or not enabled, the request rejected as a whole): no item's fault.
+
+    Its records go back to the queue untouched, an operator fixes the cause.
+    """
+
+
 class MalformedOutputError(TransientGenerationError):
     """The model answered, but not with content of the asked shape (paid for all the same).
 
@@ -54,6 +67,10 @@ class MalformedOutputError(TransientGenerationError):
 
 class PermanentGenerationError(GenerationError):
     """Will not pass by trying again (validation, content filtered): the item fails."""
+
+
+class CutOffAnswerError(PermanentGenerationError):
+    """The answer was cut at ``maxTokens``, also at the larger budget tried next."""
 
 
 class ContentGenerator(Protocol):

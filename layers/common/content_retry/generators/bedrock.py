@@ -25,9 +25,13 @@ from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generated import CONTENT_MODELS
 from content_retry.generators.base import (
+    ConfigurationError,
+    CutOffAnswerError,
     Generation,
+    GenerationError,
     MalformedOutputError,
     PermanentGenerationError,
+    ThrottledError,
     TransientGenerationError,
     Usage,
 )
@@ -48,6 +52,27 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 _THROTTLING_CODES = frozenset({"ThrottlingException", "TooManyRequestsException"})
+# Error codes that refuse every call as configured: the account, the role or
+# the model id is wrong, not the item. Nothing an item can change fixes them.
+_CONFIGURATION_CODES = frozenset(
+    {
+        "AccessDeniedException",
+        "ResourceNotFoundException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "UnauthorizedException",
+    }
+)
+# A ValidationException is the item's own (its input) unless it is about the
+# model: an invalid model identifier, a model not enabled or not offered
+# on demand (it needs an inference profile).
+_CONFIGURATION_WORDS = ("model identifier", "model id", "inference profile", "on-demand", "access")
+# Characters of the prompt per input token, at the fewest: the reservation
+# must not be below what Bedrock counts.
+_PROMPT_CHARS_PER_TOKEN = 3
+# An answer cut at maxTokens is tried once more with this many times the budget.
+CUT_OFF_RETRY_FACTOR = 2
 # Stop reasons that mean the answer was refused, not merely late or cut.
 _REFUSED = frozenset({"content_filtered", "guardrail_intervened"})
 
@@ -148,6 +173,35 @@ def _answer(response: dict[str, Any], content_type: ContentType, output: Bedrock
     return next(call["input"] for call in calls if call.get("name") == name)
 
 
+def _classified(exc: Any, usage: Usage) -> GenerationError:
+    """A Bedrock error as the worker tells them apart: the quota, a fault that
+    may pass, the configuration, or the item's own."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    detail = f"bedrock {code or status}: {exc}"
+    if code in _THROTTLING_CODES:
+        return ThrottledError(detail, usage=usage)
+    if code in _TRANSIENT_CODES or status >= 500:
+        return TransientGenerationError(detail, usage=usage)
+    if code in _CONFIGURATION_CODES or status in (401, 403) or _about_the_model(code, str(exc)):
+        return ConfigurationError(detail, usage=usage)
+    return PermanentGenerationError(detail, usage=usage)
+
+
+def _about_the_model(code: str, message: str) -> bool:
+    """A ValidationException that rejects the model, not this item's request."""
+    lowered = message.lower()
+    return code == "ValidationException" and any(word in lowered for word in _CONFIGURATION_WORDS)
+
+
+def _sum(first: Usage, second: Usage) -> Usage:
+    return Usage(
+        first.input_tokens + second.input_tokens,
+        first.output_tokens + second.output_tokens,
+        first.throttled_attempts + second.throttled_attempts,
+    )
+
+
 class _ThrottleCounter:
     """Counts the attempts botocore sees throttled, per calling thread.
 
@@ -193,9 +247,17 @@ class BedrockGenerator:
         self._max_tokens = max_tokens
         self._throttles = _ThrottleCounter(client)
 
-    def generate(
+    @property
+    def model_id(self) -> str:
+        """The model (or inference profile) called: the quota's key."""
+        return self._model_id
+
+    def reservation(
         self, concept: Concept, content_type: ContentType, preferences: Preferences
-    ) -> Generation:
+    ) -> int:
+        """The tokens Bedrock reserves against the quota when this call starts:
+        its input tokens (estimated from the request's text, generously) plus
+        ``maxTokens``."""
         request = converse_request(
             self._model_id,
             concept,
@@ -204,14 +266,31 @@ class BedrockGenerator:
             output=self._output,
             max_tokens=self._max_tokens,
         )
+        chars = len(json.dumps(request, ensure_ascii=False))
+        return chars // _PROMPT_CHARS_PER_TOKEN + self._max_tokens
+
+    def generate(
+        self, concept: Concept, content_type: ContentType, preferences: Preferences
+    ) -> Generation:
         self._throttles.take()  # nothing left over from an earlier call of this thread
-        response = self._converse(request)
-        usage = Usage(
-            input_tokens=int(response.get("usage", {}).get("inputTokens", 0)),
-            output_tokens=int(response.get("usage", {}).get("outputTokens", 0)),
-            throttled_attempts=self._throttles.take(),
-        )
+        response, usage = self._call(concept, content_type, preferences, self._max_tokens)
         stop_reason = response.get("stopReason")
+        if stop_reason == "max_tokens":
+            # Cut, not malformed: the same budget would be cut the same way, so
+            # it is tried once more with a larger one, then failed with why.
+            larger = self._max_tokens * CUT_OFF_RETRY_FACTOR
+            try:
+                response, more = self._call(concept, content_type, preferences, larger)
+            except GenerationError as exc:
+                exc.usage = _sum(usage, exc.usage)
+                raise
+            usage, stop_reason = _sum(usage, more), response.get("stopReason")
+            if stop_reason == "max_tokens":
+                raise CutOffAnswerError(
+                    f"bedrock answer cut at maxTokens twice ({self._max_tokens}, then {larger}): "
+                    "the content does not fit the output budget",
+                    usage=usage,
+                )
         if stop_reason in _REFUSED:
             raise PermanentGenerationError(
                 f"bedrock refused the content: stopReason={stop_reason}", usage=usage
@@ -221,13 +300,37 @@ class BedrockGenerator:
                 _answer(response, content_type, self._output)
             )
         except (KeyError, TypeError, ValueError, StopIteration, ValidationError) as exc:
-            # ValidationError is a ValueError; a cut answer (max_tokens) lands here too.
+            # ValidationError is a ValueError.
             raise MalformedOutputError(
                 f"bedrock answer is not a valid {content_type.value} "
                 f"(stopReason={stop_reason}): {exc}",
                 usage=usage,
             ) from exc
         return Generation(content, usage)
+
+    def _call(
+        self,
+        concept: Concept,
+        content_type: ContentType,
+        preferences: Preferences,
+        max_tokens: int,
+    ) -> tuple[dict[str, Any], Usage]:
+        """One Converse call with this output budget: the answer and what it cost."""
+        request = converse_request(
+            self._model_id,
+            concept,
+            content_type,
+            preferences,
+            output=self._output,
+            max_tokens=max_tokens,
+        )
+        response = self._converse(request)
+        usage = Usage(
+            input_tokens=int(response.get("usage", {}).get("inputTokens", 0)),
+            output_tokens=int(response.get("usage", {}).get("outputTokens", 0)),
+            throttled_attempts=self._throttles.take(),
+        )
+        return response, usage
 
     def _converse(self, request: dict[str, Any]) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -236,12 +339,7 @@ class BedrockGenerator:
             response: dict[str, Any] = self._client.converse(**request)
         except ClientError as exc:
             usage = Usage(throttled_attempts=self._throttles.take())
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            detail = f"bedrock {code or status}: {exc}"
-            if code in _TRANSIENT_CODES or status >= 500:
-                raise TransientGenerationError(detail, usage=usage) from exc
-            raise PermanentGenerationError(detail, usage=usage) from exc
+            raise _classified(exc, usage) from exc
         except BotoCoreError as exc:  # timeouts, connection errors after botocore's retries
             usage = Usage(throttled_attempts=self._throttles.take())
             raise TransientGenerationError(f"bedrock unreachable: {exc}", usage=usage) from exc
