@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import re
 import time
 from collections import Counter
@@ -204,38 +205,49 @@ def _invoke(setup: WorkerSetup, deps: Any, sqs: Any, messages: list[dict[str, An
     return len(failed)
 
 
+def _poll(setup: WorkerSetup, deps: Any, engine: Engine, stop: Event, tally: _SqsTally) -> Any:
+    """Lambda's poller loop until stopped; returns when this worker saw every item end."""
+    done_at = None
+    while not stop.is_set():
+        messages = deps.sqs.receive_message(
+            QueueUrl=setup.queue_url,
+            MaxNumberOfMessages=BATCH_SIZE,
+            VisibilityTimeout=RETURN_VISIBILITY_SECONDS,
+            WaitTimeSeconds=1,
+            AttributeNames=["ApproximateReceiveCount"],
+        ).get("Messages", [])
+        if not messages:
+            continue
+        tally.counts["returned"] += _invoke(setup, deps, deps.sqs, messages)
+        tally.counts["batches"] += 1
+        tally.counts["records"] += len(messages)
+        if done_at is None and _ended(engine, setup.task_id) >= setup.items:
+            done_at = time.monotonic()
+    return done_at
+
+
 def _worker(setup: WorkerSetup, ready: Any, go: Event, stop: Event, report: Queue[Any]) -> None:
-    """One generate function container: warm, then Lambda's poller loop until stopped."""
+    """One generate function container: warm, then Lambda's poller loop until stopped.
+    An error stops every worker (the drain is then reported with it)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(name, "testing")  # moto's and the local Bedrock's: none checked
     engine = build_engine(Settings(DATABASE_URL=setup.url))
     with engine.connect():
         pass
     sqs, bedrock = _clients(setup.sqs_endpoint, setup.bedrock_endpoint)
     deps = _worker_deps(setup, engine, sqs, bedrock)
     tally = _SqsTally(sqs, setup.queue_url)
-    done_at = None
-    busy = 0.0
+    done_at, error = None, None
     with quiet_powertools(), tally:
         ready.release()
         go.wait()
-        while not stop.is_set():
-            messages = sqs.receive_message(
-                QueueUrl=setup.queue_url,
-                MaxNumberOfMessages=BATCH_SIZE,
-                VisibilityTimeout=RETURN_VISIBILITY_SECONDS,
-                WaitTimeSeconds=1,
-                AttributeNames=["ApproximateReceiveCount"],
-            ).get("Messages", [])
-            if not messages:
-                continue
-            began = time.monotonic()
-            tally.counts["returned"] += _invoke(setup, deps, sqs, messages)
-            busy += time.monotonic() - began
-            tally.counts["batches"] += 1
-            tally.counts["records"] += len(messages)
-            if done_at is None and _ended(engine, setup.task_id) >= setup.items:
-                done_at = time.monotonic()
+        try:
+            done_at = _poll(setup, deps, engine, stop, tally)
+        except Exception as exc:  # reported, not lost in a child's stderr
+            error = f"{type(exc).__name__}: {exc}"
+            stop.set()
     engine.dispose()
-    report.put({"done_at": done_at, "busy": busy, **tally.counts})
+    report.put({"done_at": done_at, "error": error, **tally.counts})
 
 
 # --------------------------------------------------------------------------- one drain
@@ -269,6 +281,8 @@ class DrainRun:
     saved_rows: int
     saved_concepts: int
     dead_letters: int
+    # Errors that stopped a worker (the drain did not end).
+    errors: list[str]
     # The tokens the shared pace takes a call (the generator's estimate), on average.
     paced_per_call: float
     workers: list[dict[str, Any]] = field(default_factory=list)
@@ -412,12 +426,20 @@ def _sample(engine: Engine, bedrock: LocalBedrock, setup: WorkerSetup, began: fl
 
 
 def _watch(
-    engine: Engine, bedrock: LocalBedrock, setup: WorkerSetup, began: float, timeout: float
+    engine: Engine,
+    bedrock: LocalBedrock,
+    setup: WorkerSetup,
+    stop: Event,
+    *,
+    began: float,
+    timeout: float,
 ) -> list[Sample]:
-    """Sample the pace every SAMPLE_SECONDS until every item ended, or ``timeout``."""
+    """Sample the pace every SAMPLE_SECONDS until every item ended, a worker
+    stopped them all (an error), or ``timeout``."""
     samples = [_sample(engine, bedrock, setup, began)]
     while samples[-1].ended < setup.items and samples[-1].seconds < timeout:
-        time.sleep(SAMPLE_SECONDS)
+        if stop.wait(SAMPLE_SECONDS):
+            break
         samples.append(_sample(engine, bedrock, setup, began))
     return samples
 
@@ -520,7 +542,7 @@ def drain_at_quota(
             stage.bedrock.reset_stats()
             began = time.monotonic()
             go.set()
-            samples = _watch(engine, stage.bedrock, setup, began, timeout)
+            samples = _watch(engine, stage.bedrock, setup, stop, began=began, timeout=timeout)
             stop.set()
             reports = [report.get(timeout=120) for _ in range(workers)]
         stats = stage.bedrock.stats()
@@ -541,6 +563,7 @@ def drain_at_quota(
         saved_rows=rows,
         saved_concepts=concepts,
         dead_letters=queue_depth(sqs, planned.dlq_url),
+        errors=[r["error"] for r in reports if r["error"]],
         paced_per_call=paced_reservation(stage.bedrock, planned.bodies, max_tokens),
         workers=reports,
         samples=samples,
@@ -633,6 +656,8 @@ def _unpaced(stage: Stage) -> tuple[float, float]:
     """A short drain without a quota: the tokens one call reserves, and the calls
     a minute the workers made."""
     run = drain_at_quota(stage, label="unpaced", items=UNPACED_ITEMS, quota=None, configured=False)
+    if run.errors:
+        raise RuntimeError(f"unpaced: a worker failed: {run.errors[0]}")
     per_call = run.stats.reserved_tokens / run.stats.answered
     return per_call, run.stats.answered / run.seconds * 60
 
@@ -668,6 +693,8 @@ def run(env: BenchEnv) -> Result:
                 drained = drain_at_quota(
                     stage, label=label, items=items, quota=quota, configured=configured
                 )
+                if drained.errors:
+                    raise RuntimeError(f"{label}: a worker failed: {drained.errors[0]}")
                 runs.append(drained)
                 verdicts.append(_report(drained))
                 _timeline(drained)

@@ -274,6 +274,23 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smoke(args: argparse.Namespace) -> int:
+    from botocore.exceptions import NoRegionError
+
+    from content_retry_local.smoke import aws_target, run_smoke
+
+    try:
+        checks = run_smoke(args.stack, aws_target(args.region))
+    except NoRegionError:
+        print("error: no AWS Region: set AWS_REGION or give --region", file=sys.stderr)
+        return 2
+    for check in checks:
+        print(check)
+    failed = sum(not check.passed for check in checks)
+    print(f"smoke {args.stack}: {len(checks) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     from content_retry_local.aws import stop_background_moto
     from content_retry_local.environment import LOCAL_STATE_DIR
@@ -370,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     openapi = command("openapi", "print the HTTP API's OpenAPI document (from the code)", _openapi)
     openapi.add_argument("--output", "-o", help="write it to this file (docs/openapi.json)")
+
+    smoke = command(
+        "smoke",
+        "check a deployed stack without changing anything: the API refuses unsigned callers, "
+        "the detect functions answer, the queues and alarms are as template.yaml says "
+        "(exit 1, one line per failed check)",
+        _smoke,
+    )
+    smoke.add_argument("--stack", required=True, help="the CloudFormation stack's name")
+    smoke.add_argument("--region", help="its Region (default: AWS_REGION, your profile's)")
 
     command("stop", "stop the background moto server the local commands share", _stop)
     return parser

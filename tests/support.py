@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from content_retry.aws import bedrock_runtime_client, client
 from content_retry.concepts import Concept
@@ -89,6 +89,16 @@ def redriven_event(messages: Iterable[dict[str, Any]]) -> dict[str, Any]:
             for n, m in enumerate(messages)
         ]
     }
+
+
+def holds_expire(engine: Engine) -> None:
+    """Time passes: the invocations that held running items have ended (their
+    deadlines passed), as they have by the time SQS redelivers or a re-drive
+    comes, minutes later."""
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE retry_items SET delivery_until = now() WHERE delivery_until > now()")
+        )
 
 
 def reset_process_caches() -> None:

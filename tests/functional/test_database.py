@@ -75,6 +75,7 @@ def test_the_save_numbers_versions_from_an_index_not_a_table_scan(
         "concept_id": "c",
         "content_type": content_type.value,
         "roadmap_id": "r",
+        "user_id": "u",
         "title": "t",
         "payload": "{}",
         "llm_calls": 0,

@@ -134,7 +134,13 @@ def test_task_status_lists_counts_and_items(
     assert body["task_id"] == created["task_id"]
     assert body["roadmap_id"] == SEED_ROADMAP_ID
     assert body["status"] == "queued"
-    assert body["counts"] == {"queued": 21, "succeeded": 0, "failed": 0, "dead_lettered": 0}
+    assert body["counts"] == {
+        "queued": 21,
+        "succeeded": 0,
+        "failed": 0,
+        "dead_lettered": 0,
+        "waiting_for_redrive": 0,
+    }
     assert len(body["items"]) == 21
     assert set(body["items"][0]) == {
         "concept_id",
@@ -143,6 +149,7 @@ def test_task_status_lists_counts_and_items(
         "status",
         "attempts",
         "last_error",
+        "waiting_for_redrive",
     }
 
 

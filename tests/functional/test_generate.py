@@ -39,8 +39,10 @@ from tests.conftest import FakeLambdaContext, Queues
 from tests.support import (
     CountingGenerator,
     detect_deps,
+    holds_expire,
     load_event,
     logged_events,
+    redriven_event,
     sqs_event,
     worker_deps,
 )
@@ -161,6 +163,7 @@ def test_seed_scenario_end_to_end_saves_the_21_lost_tutorials(
         "succeeded": 21,
         "failed": 0,
         "dead_lettered": 0,
+        "waiting_for_redrive": 0,
     }
     assert len(generator.calls) == 21
     with db.connect() as connection:
@@ -501,7 +504,7 @@ def test_the_database_down_at_the_start_fails_every_record_without_llm_calls(
     assert generator.calls == []
 
 
-def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
+def test_two_tasks_saving_one_concept_at_once_save_one_version(
     connection: Connection,
     queues: Queues,
     db: Engine,
@@ -554,6 +557,7 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
                 other,
                 ItemKey(str(planned.task_id), "c11", ContentType.TUTORIAL),
                 roadmap_id=SEED_ROADMAP_ID,
+                user_id=planned.user_id,
                 concept_name=planned.concept.name,
                 content=content,
             )
@@ -567,7 +571,9 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
     done.set()
     thread.join()
 
-    # THEN neither was lost to the race: version 1, then version 2 on top; no DLQ
+    # THEN one version is saved, the first task's; the second task's save found
+    # the concept saved since it began, saved nothing, and ended its item
+    # succeeded: one latest version whatever races; nothing dead-lettered
     assert response["batchItemFailures"] == []
     assert queues.depth(queues.dlq_url) == 0
     with db.connect() as connection:
@@ -576,8 +582,20 @@ def test_two_tasks_saving_one_concept_at_once_both_land_as_versions(
                 "SELECT content_version, is_latest FROM tutorials WHERE concept_id = 'c11' ORDER BY 1"
             )
         ).all()
-    assert [tuple(row) for row in rows] == [(1, False), (2, True)]
+    assert [tuple(row) for row in rows] == [(1, True)]
     assert any(record.msg == "retry_item_save_raced" for record in caplog.records)
+    with db.connect() as check:
+        statuses = (
+            check.execute(
+                text(
+                    "SELECT i.status FROM retry_items AS i JOIN retry_tasks AS t USING (task_id) "
+                    "WHERE i.concept_id = 'c11' ORDER BY t.created_at"
+                )
+            )
+            .scalars()
+            .all()
+        )
+    assert statuses == ["succeeded", "succeeded"]
 
 
 @pytest.mark.parametrize(("receives", "dead_lettered"), [(4, False), (5, True)])
@@ -664,10 +682,11 @@ def test_a_failed_save_ends_the_items_that_failed_for_good_and_the_redrive_calls
     assert items["tutorial"][0] == "running"
     assert items["quiz"][0] == "running"
 
-    # WHEN it is re-driven
+    # WHEN it is re-driven, once the invocation that held its items has ended
     generator.before_call = None
     calls_before = len(generator.calls)
-    response = generate_handler(sqs_event([dead[0]["Body"]]), lambda_context, deps=worker)
+    holds_expire(db)
+    response = generate_handler(redriven_event(dead), lambda_context, deps=worker)
 
     # THEN the tutorial is saved from the message without the LLM; the quiz,
     # whose permanent failure could not be noted, is asked once more and ends failed

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from content_retry_local.seed import ConceptSeed, insert_roadmap, single_module_
 from content_retry_local.sessions import EngineSessions
 from content_retry_local.template import resource
 from tests.conftest import FakeLambdaContext, Queues
-from tests.support import FlakySqs, detect_deps, worker_deps
+from tests.support import FlakySqs, detect_deps, holds_expire, worker_deps
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "20261127"))
 ROADMAPS = 10
@@ -148,7 +149,10 @@ class Run:
                 QueueUrl=url, MaxNumberOfMessages=5, WaitTimeSeconds=0, AttributeNames=["All"]
             ).get("Messages", [])
             if not messages:
-                return
+                if not self.waiting():
+                    return
+                time.sleep(0.5)  # a record sent back with a delay (the quota's, say)
+                continue
             records = [
                 sqs_record(
                     m["Body"],
@@ -168,6 +172,10 @@ class Run:
             response = handle_retry_batch({"Records": records}, context, self.deps)
             self.invocations += 1
             failed = {f["itemIdentifier"] for f in response["batchItemFailures"]}
+            if failed:
+                # Made visible at once below, as if their visibility timeout (30
+                # minutes) had passed: by then every invocation's hold has too.
+                holds_expire(self.deps.engine)
             for message in messages:
                 if message["MessageId"] in failed:
                     sqs.change_message_visibility(
@@ -176,6 +184,17 @@ class Run:
                 else:
                     sqs.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
         raise AssertionError("the queue did not drain in 2,000 batches")
+
+    def waiting(self) -> bool:
+        """Messages still delayed or in flight on the retry queue."""
+        attributes = self.queues.sqs.get_queue_attributes(
+            QueueUrl=self.queues.queue_url,
+            AttributeNames=[
+                "ApproximateNumberOfMessagesDelayed",
+                "ApproximateNumberOfMessagesNotVisible",
+            ],
+        )["Attributes"]
+        return any(int(value) for value in attributes.values())
 
     def redrive(self) -> int:
         dead = self.queues.sqs.receive_message(

@@ -509,6 +509,8 @@ def test_the_alarms_are_the_ones_the_on_call_engineer_needs() -> None:
         ("AWS/SQS", "ApproximateNumberOfMessagesVisible", (("QueueName", "<RetryDLQ.QueueName>"),)),
         ("AWS/SQS", "ApproximateAgeOfOldestMessage", (("QueueName", "<RetryQueue.QueueName>"),)),
         ("AWS/Lambda", "Errors", (("FunctionName", "<GenerateFunction>"),)),
+        # the sweep's failures (the API function's show as the API's 5xx)
+        ("AWS/Lambda", "Errors", (("FunctionName", "<DetectFunction>"),)),
         ("AWS/Lambda", "Throttles", (("FunctionName", "<GenerateFunction>"),)),
         (
             "AWS/ApiGateway",
@@ -667,7 +669,7 @@ def _required_on_dashboard() -> list[tuple[str, str, dict[str, str], str | None]
     for name in sorted(PER_CONTENT_TYPE):
         for content_type in ContentType:
             required.append((NAMESPACE, name, {**service, "ContentType": content_type.value}, None))
-    for function in ("<DetectFunction>", "<GenerateFunction>"):
+    for function in sorted(f"<{name}>" for name in resources_of_type("AWS::Serverless::Function")):
         dimensions = {"FunctionName": function}
         for name in ("Errors", "Throttles", "ConcurrentExecutions"):
             required.append(("AWS/Lambda", name, dimensions, None))

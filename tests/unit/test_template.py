@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -16,7 +19,7 @@ from content_retry.settings import Settings
 from content_retry_local.template import create_queues, load_template, queue_attributes, resource
 from tests.conftest import REPO_ROOT
 
-FUNCTIONS = ("DetectFunction", "GenerateFunction")
+FUNCTIONS = ("ApiFunction", "DetectFunction", "GenerateFunction")
 
 # What CloudFormation gives the pseudo parameters, for the resolver below.
 PSEUDO_PARAMETERS = {
@@ -201,27 +204,83 @@ def test_each_handler_resolves_to_a_function_that_imports(logical_id: str) -> No
     assert callable(getattr(module, function_name))
 
 
-def test_runtime_architecture_and_layer_build() -> None:
-    template = load_template()
-    globals_ = template["Globals"]["Function"]
-    layer = resource("CommonLayer")
+def test_runtime_and_alias() -> None:
+    globals_ = load_template()["Globals"]["Function"]
 
-    assert (globals_["Runtime"], globals_["Architectures"], globals_["Tracing"]) == (
-        "python3.12",
-        ["arm64"],
-        "Active",
-    )
-    # The layer is built by its own Makefile (the recipe `make layer` runs), for the
-    # functions' architecture by default.
-    assert layer["Metadata"]["BuildMethod"] == "makefile"
-    assert layer["Metadata"]["BuildArchitecture"] == "arm64"
-    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
-    makefile = (REPO_ROOT / layer["Properties"]["ContentUri"] / "Makefile").read_text()
-    assert "build-CommonLayer:" in makefile
-    assert "\nARCH ?= aarch64\n" in makefile
+    assert (globals_["Runtime"], globals_["Tracing"]) == ("python3.12", "Active")
     # SnapStart is the deployer's choice; events always invoke the published alias
     assert globals_["SnapStart"]["ApplyOn"].value == "SnapStart"
     assert globals_["AutoPublishAlias"] == "live"
+
+
+ARCHITECTURES = {"arm64": "aarch64", "x86_64": "x86_64"}  # Lambda's name: the wheels'
+
+
+def layer_for(architecture: str) -> str:
+    """The logical id of the layer the functions use with this Architecture."""
+    [layers] = load_template()["Globals"]["Function"]["Layers"]
+    assert layers.tag == "!If", "one layer, chosen by the architecture"
+    condition, when_true, when_false = layers.value
+    chosen = when_true if Resolver(Architecture=architecture).condition(condition) else when_false
+    assert chosen.tag == "!Ref"
+    layer_id: str = chosen.value
+    return layer_id
+
+
+def wheel_platforms(make_arguments: list[str], cwd: Path) -> set[str]:
+    """The --platform values of the pip command ``make -n ARGUMENTS`` would run."""
+    dry_run = subprocess.run(
+        ["make", "--no-print-directory", "-n", *make_arguments],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return set(re.findall(r"--platform (\S+)", dry_run))
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_the_functions_and_the_layer_follow_the_one_architecture_parameter(
+    architecture: str, tmp_path: Path
+) -> None:
+    # GIVEN the template deployed with this Architecture
+    template = load_template()
+    assert template["Parameters"]["Architecture"]["AllowedValues"] == sorted(ARCHITECTURES)
+    resolve = Resolver(Architecture=architecture)
+    layer_id = layer_for(architecture)
+    layer = resource(layer_id)
+    others = [
+        logical_id
+        for logical_id, definition in template["Resources"].items()
+        if definition["Type"] == "AWS::Serverless::LayerVersion" and logical_id != layer_id
+    ]
+
+    # WHEN what runs and what is built for it are read
+    wheels = ARCHITECTURES[architecture]
+    other = next(name for name in ARCHITECTURES.values() if name != wheels)
+    # sam build runs build-<LogicalId>, with nothing else but ARTIFACTS_DIR; an ARCH
+    # from elsewhere (the environment, the command line) must not change it.
+    built = wheel_platforms(
+        [
+            f"build-{layer_id}",
+            f"ARCH={other}",
+            f"ARTIFACTS_DIR={tmp_path}",
+            f"PYTHON312={sys.executable}",
+        ],
+        REPO_ROOT / layer["Properties"]["ContentUri"],
+    )
+    # make layer builds what sam build does for this architecture
+    made = wheel_platforms([f"ARCH={architecture}", "layer"], REPO_ROOT)
+
+    # THEN the functions run on it, the layer they use is the one CloudFormation
+    # creates, declared and built for it, with wheels for it; the other is not created
+    assert resolve(template["Globals"]["Function"]["Architectures"]) == [architecture]
+    assert resolve.condition(layer["Condition"])
+    assert layer["Properties"]["CompatibleArchitectures"] == [architecture]
+    assert layer["Metadata"] == {"BuildMethod": "makefile", "BuildArchitecture": architecture}
+    assert built == made == {f"manylinux2014_{wheels}", f"manylinux_2_17_{wheels}"}
+    assert others and not any(resolve.condition(resource(o)["Condition"]) for o in others)
     assert (
         REPO_ROOT / layer["Properties"]["ContentUri"] / "content_retry" / "__init__.py"
     ).exists()
@@ -449,13 +508,74 @@ def test_the_llm_quota_parameters_reach_the_generate_environment() -> None:
             assert bool(re.fullmatch(parameters[name]["AllowedPattern"], value)) is accepted
 
 
-def test_the_detect_timeout_leaves_the_api_path_its_own_deadline() -> None:
+def events_of(logical_id: str, type_: str) -> dict[str, Any]:
+    events: dict[str, Any] = resource(logical_id)["Properties"].get("Events", {})
+    return {name: event for name, event in events.items() if event["Type"] == type_}
+
+
+def test_api_invocations_end_within_api_gateways_29_seconds_by_construction() -> None:
     from content_retry.api import API_AT_MOST_SECONDS, API_GATEWAY_TIMEOUT_SECONDS
 
-    # The API path answers by its own deadline, before API Gateway gives up; Lambda
-    # must not cut it first (the sweep and direct invokes use the whole timeout).
-    assert API_AT_MOST_SECONDS < API_GATEWAY_TIMEOUT_SECONDS == 29
-    assert function_timeout("DetectFunction") > API_AT_MOST_SECONDS
+    # GIVEN the functions API Gateway invokes, and the others
+    served = [logical_id for logical_id in FUNCTIONS if events_of(logical_id, "Api")]
+
+    # WHEN their timeouts are read
+    # THEN Lambda ends an API invocation before API Gateway gives up, and not before
+    # the API path's own deadline answers (503 with Retry-After); the sweep and direct
+    # invokes, which no gateway waits for, run in a function of their own
+    assert served == ["ApiFunction"]
+    assert API_AT_MOST_SECONDS < function_timeout("ApiFunction") < API_GATEWAY_TIMEOUT_SECONDS == 29
+    assert events_of("DetectFunction", "ScheduleV2")
+    assert function_timeout("DetectFunction") > API_GATEWAY_TIMEOUT_SECONDS
+
+
+def test_both_detect_functions_run_the_one_judge() -> None:
+    # GIVEN the API's function and the sweep's
+    api, detect = (resource(name)["Properties"] for name in ("ApiFunction", "DetectFunction"))
+
+    # THEN they are the same handler, with the same permissions and the same logs
+    for key in ("CodeUri", "Handler", "Policies", "LoggingConfig", "Environment"):
+        assert repr(api.get(key)) == repr(detect.get(key)), key
+    assert detect["Handler"] == "app.lambda_handler"
+    assert detect["CodeUri"] == "functions/detect/"
+
+
+def test_no_function_reserves_concurrency() -> None:
+    # An account whose concurrency limit is low refuses any reservation (it must keep
+    # 100 unreserved); the connection budget is bounded by the triggers instead.
+    assert "ReservedConcurrentExecutions" not in load_template()["Globals"]["Function"]
+    for logical_id in FUNCTIONS:
+        assert "ReservedConcurrentExecutions" not in resource(logical_id)["Properties"]
+    generate = events_of("GenerateFunction", "SQS")["RetryMessages"]["Properties"]
+    assert generate["ScalingConfig"]["MaximumConcurrency"].value == "GenerateMaxConcurrency"
+    throttling = resource("RetryApi")["Properties"]["MethodSettings"]
+    assert [(s["ThrottlingRateLimit"], s["ThrottlingBurstLimit"]) for s in throttling] == [(10, 20)]
+    # No second stage (SAM's "Stage") without that throttling
+    assert resource("RetryApi")["Properties"]["OpenApiVersion"] == "3.0.1"
+
+
+def _seconds(rate: str) -> int:
+    match = re.fullmatch(r"rate\((\d+) (minute|minutes|hour|hours)\)", rate)
+    assert match, rate
+    return int(match.group(1)) * (60 if match.group(2).startswith("minute") else 3600)
+
+
+def test_a_throttled_or_failed_sweep_is_retried_before_the_next_run() -> None:
+    # GIVEN the sweep's schedule and the function's asynchronous invocation settings
+    [sweep] = events_of("DetectFunction", "ScheduleV2").values()
+    retry = sweep["Properties"]["RetryPolicy"]
+    asynchronous = resource("DetectFunction")["Properties"]["EventInvokeConfig"]
+    interval = _seconds(load_template()["Parameters"]["SweepScheduleExpression"]["Default"])
+
+    # WHEN they are read
+    # THEN the scheduler retries an invoke Lambda refuses, Lambda retries a sweep it
+    # throttles (its queue) or that failed, and both give up before the next run
+    assert retry["MaximumRetryAttempts"] > 0
+    assert asynchronous["MaximumRetryAttempts"] > 0
+    assert retry["MaximumEventAgeInSeconds"] < interval
+    assert asynchronous["MaximumEventAgeInSeconds"] < interval
+    assert sweep["Properties"]["Input"] == '{"action": "sweep"}'
+    assert function_timeout("DetectFunction") < interval
 
 
 def test_the_worker_knows_the_retry_queues_max_receive_count() -> None:
@@ -471,3 +591,363 @@ def test_a_sent_claim_lasts_as_long_as_the_queue_keeps_its_message() -> None:
     retention = int(resource("RetryQueue")["Properties"]["MessageRetentionPeriod"])
 
     assert int(variables["RETRY_QUEUE_RETENTION_MINUTES"]) * 60 == retention
+
+
+# --- parameters checked before anything is created -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("instance", "cluster", "accepted"),
+    [
+        ("", "", False),  # the proxy's target group would get [""] and fail late
+        ("roadmaps-db", "", True),
+        ("", "roadmaps-aurora", True),
+        ("roadmaps-db", "roadmaps-aurora", False),  # the cluster would silently win
+    ],
+)
+def test_the_rules_admit_exactly_one_database(instance: str, cluster: str, accepted: bool) -> None:
+    # GIVEN the database identifiers a deployer gives
+    resolve = Resolver(DatabaseInstanceIdentifier=instance, DatabaseClusterIdentifier=cluster)
+    assertions = load_template()["Rules"]["ExactlyOneDatabase"]["Assertions"]
+
+    # WHEN CloudFormation evaluates the rules, before creating anything
+    failed = [a["AssertDescription"] for a in assertions if not resolve(a["Assert"])]
+
+    # THEN exactly one is accepted, and a refusal says what to give
+    assert (failed == []) is accepted
+    assert all("DatabaseInstanceIdentifier" in text for text in failed)
+
+
+def parameter_accepts(name: str, value: str) -> bool:
+    """Whether CloudFormation takes ``value`` for the String parameter ``name``."""
+    parameter = load_template()["Parameters"][name]
+    return (
+        re.fullmatch(parameter.get("AllowedPattern", ".*"), value) is not None
+        and parameter.get("MinLength", 0) <= len(value) <= parameter.get("MaxLength", 4096)
+        and value in parameter.get("AllowedValues", [value])
+    )
+
+
+LONGEST_STAGES = ("a" + "-b" * 10, "x" * 21)
+
+
+@pytest.mark.parametrize(
+    ("stage", "accepted"),
+    [
+        ("dev", True),
+        ("prod", True),
+        ("pr-123", True),
+        ("a", True),
+        *((stage, True) for stage in LONGEST_STAGES),
+        ("x" * 22, False),
+        ("dev-", False),  # DBProxyName may not end with a hyphen
+        ("dev--eu", False),  # nor hold two in a row
+        ("-dev", False),
+        ("1dev", False),
+        ("Dev", False),
+        ("dev_eu", False),
+        ("", False),
+    ],
+)
+def test_the_stage_admits_only_names_every_resource_can_take(stage: str, accepted: bool) -> None:
+    assert parameter_accepts("Stage", stage) is accepted
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "accepted"),
+    [
+        ("DatabaseInstanceIdentifier", "", True),
+        ("DatabaseInstanceIdentifier", "roadmaps-db-1", True),
+        ("DatabaseInstanceIdentifier", "roadmaps-", False),
+        ("DatabaseInstanceIdentifier", "1roadmaps", False),
+        ("DatabaseClusterIdentifier", "aurora--x", False),
+        ("DatabaseSecretKmsKeyArn", "", True),
+        (
+            "DatabaseSecretKmsKeyArn",
+            "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            True,
+        ),
+        ("DatabaseSecretKmsKeyArn", "arn:aws:kms:eu-west-1:123456789012:alias/db", False),
+        ("SweepScheduleExpression", "rate(15 minutes)", True),
+        ("SweepScheduleExpression", "cron(0/15 * * * ? *)", True),
+        ("SweepScheduleExpression", "15 minutes", False),
+        ("AlarmTopicArn", "", True),
+        ("AlarmTopicArn", "arn:aws:sns:eu-west-1:123456789012:on-call", True),
+        ("AlarmTopicArn", "on-call", False),
+        ("DatabaseName", "", False),
+        ("Architecture", "arm64", True),
+        ("Architecture", "aarch64", False),
+        ("CreateApiGatewayAccountRole", "false", True),
+        ("CreateApiGatewayAccountRole", "yes", False),
+    ],
+)
+def test_parameters_refuse_what_would_fail_later(name: str, value: str, accepted: bool) -> None:
+    assert parameter_accepts(name, value) is accepted
+
+
+def test_every_constraint_says_what_to_give() -> None:
+    # GIVEN the parameters CloudFormation checks against a constraint
+    constrained = {
+        name: parameter
+        for name, parameter in load_template()["Parameters"].items()
+        if {"AllowedPattern", "MinValue", "MaxValue", "MinLength", "MaxLength"} & set(parameter)
+    }
+
+    # THEN each has a ConstraintDescription (without one, the refusal quotes the
+    # regular expression), and a description
+    assert "Stage" in constrained
+    for name, parameter in constrained.items():
+        assert parameter.get("ConstraintDescription"), name
+    for name, parameter in load_template()["Parameters"].items():
+        assert parameter.get("Description"), name
+
+
+# --- what the proxy, the network and API Gateway need -----------------------------
+
+
+def proxy_statements(**parameters: str) -> list[dict[str, Any]]:
+    resolve = Resolver(**parameters)
+    statements = []
+    for policy in resource("DatabaseProxyRole")["Properties"]["Policies"]:
+        for statement in policy["PolicyDocument"]["Statement"]:
+            try:
+                resolved = resolve(statement)
+            except Unresolvable:
+                resolved = statement  # names the secret: a parameter only a deployment has
+            if resolved is not NO_VALUE:
+                statements.append(resolved)
+    return statements
+
+
+def test_the_proxy_decrypts_the_secret_with_its_key_only_when_one_is_given() -> None:
+    key = "arn:aws:kms:eu-west-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+    # GIVEN the secret under the AWS managed key (default), then under a customer's key
+    managed = proxy_statements()
+    customer = proxy_statements(DatabaseSecretKmsKeyArn=key)
+
+    # WHEN the proxy role's statements are read
+    decrypt = [s for s in customer if s["Action"] == "kms:Decrypt"]
+
+    # THEN only the customer's key may be used, through Secrets Manager in this Region
+    assert not any("kms" in str(statement["Action"]) for statement in managed)
+    assert len(decrypt) == 1
+    assert decrypt[0]["Resource"] == key
+    assert decrypt[0]["Condition"] == {
+        "StringEquals": {"kms:ViaService": f"secretsmanager.{REGION}.amazonaws.com"}
+    }
+
+
+def test_the_shared_security_groups_say_they_need_a_self_referencing_rule() -> None:
+    description = load_template()["Parameters"]["SecurityGroupIds"]["Description"]
+
+    assert "self-referencing" in description
+    assert "5432" in description
+
+
+def test_the_api_gateway_account_role_is_created_only_when_asked_and_kept() -> None:
+    # GIVEN the parameter, at its default and set
+    parameter = load_template()["Parameters"]["CreateApiGatewayAccountRole"]
+    role, account = resource("ApiGatewayCloudWatchRole"), resource("ApiGatewayAccount")
+    description = resource("RetryApi")["Properties"]["Description"]
+
+    # WHEN the conditions are evaluated
+    # THEN by default nothing of the account's is touched; asked, the role is created
+    # (and kept after the stack: every API of the region logs through it), set as the
+    # account's, and the API is created after it (its access log needs it)
+    assert parameter["Default"] == "false"
+    for definition in (role, account):
+        assert not Resolver().condition(definition["Condition"])
+        assert Resolver(CreateApiGatewayAccountRole="true").condition(definition["Condition"])
+    assert (role["DeletionPolicy"], role["UpdateReplacePolicy"]) == ("Retain", "Retain")
+    assert role["Properties"]["ManagedPolicyArns"][0].value.endswith(
+        "policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs"
+    )
+    assert account["Properties"]["CloudWatchRoleArn"].value == "ApiGatewayCloudWatchRole.Arn"
+    condition, when_created, _ = description.value
+    assert condition == role["Condition"]
+    assert "${ApiGatewayAccount}" in when_created.value
+
+
+# --- paid content outlives the stack --------------------------------------------
+
+
+def test_the_queues_holding_generated_content_are_kept_on_delete_and_replace() -> None:
+    # The DLQ keeps failed saves' generated content; the retry queue holds it while
+    # a re-drive's messages wait to be saved.
+    for logical_id in ("RetryDLQ", "RetryQueue"):
+        definition = resource(logical_id)
+        assert (definition["DeletionPolicy"], definition["UpdateReplacePolicy"]) == (
+            "Retain",
+            "Retain",
+        ), logical_id
+
+
+def test_every_stateful_resource_says_what_happens_to_its_data() -> None:
+    # cfn-lint's I3011 (make iac-lint runs it) for the types this template has
+    stateful = {"AWS::SQS::Queue", "AWS::Logs::LogGroup", "AWS::RDS::DBInstance"}
+    for logical_id, definition in load_template()["Resources"].items():
+        if definition["Type"] in stateful:
+            assert {"DeletionPolicy", "UpdateReplacePolicy"} <= set(definition), logical_id
+
+
+# --- two stages, one account: the template as `sam deploy` translates it ----------
+
+# A stage's required parameters (the others keep their defaults).
+REQUIRED = {
+    "SubnetIds": "subnet-0a1b2c3d",
+    "SecurityGroupIds": "sg-0a1b2c3d",
+    "DatabaseInstanceIdentifier": "roadmaps-db",
+    "DatabaseSecretArn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:roadmaps-AbCdEf",
+    "CognitoUserPoolArn": f"arn:aws:cognito-idp:{REGION}:{ACCOUNT}:userpool/{REGION}_AbCdEf",
+}
+
+# Names scoped to another resource, not the account and Region: two stacks may
+# repeat them. And "...Name" properties that are not the resource's own name.
+SCOPED = {
+    ("AWS::Lambda::Alias", "Name"),  # per function
+    ("AWS::ApiGateway::Stage", "StageName"),  # per API
+    ("AWS::ApiGateway::Deployment", "StageName"),
+    ("AWS::RDS::DBProxyTargetGroup", "TargetGroupName"),  # per proxy
+}
+NOT_NAMES = {("AWS::CloudWatch::Alarm", "MetricName")}
+
+# What each service accepts as the name (its API reference's pattern and length).
+NAME_RULES: dict[tuple[str, str], str] = {
+    ("AWS::SQS::Queue", "QueueName"): r"[A-Za-z0-9_-]{1,80}",
+    ("AWS::RDS::DBProxy", "DBProxyName"): r"(?!.*--)[A-Za-z][A-Za-z0-9-]{0,62}(?<!-)",
+    ("AWS::Scheduler::Schedule", "Name"): r"[0-9a-zA-Z_.-]{1,64}",
+    ("AWS::CloudWatch::Dashboard", "DashboardName"): r"[A-Za-z0-9_-]{1,255}",
+    ("AWS::CloudWatch::Alarm", "AlarmName"): r"[ -~]{1,255}",
+    ("AWS::Logs::LogGroup", "LogGroupName"): r"[.\-_/#A-Za-z0-9]{1,512}",
+    ("AWS::Lambda::LayerVersion", "LayerName"): r"[a-zA-Z0-9_-]{1,140}",
+    ("AWS::ApiGateway::RestApi", "Name"): r"[ -~]{1,1024}",
+    ("AWS::ApiGateway::Stage", "StageName"): r"[a-zA-Z0-9_-]{1,128}",
+    ("AWS::ApiGateway::Deployment", "StageName"): r"[a-zA-Z0-9_-]{1,128}",
+    ("AWS::Lambda::Alias", "Name"): r"(?!^[0-9]+$)[a-zA-Z0-9_-]{1,128}",
+    ("AWS::RDS::DBProxyTargetGroup", "TargetGroupName"): r"default",
+}
+
+
+def translate(stage: str, **parameters: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The template as `sam deploy` sends it to CloudFormation for this stage (the
+    SAM translator, the artifacts where `sam package` puts them), and the values of
+    its parameters and pseudo parameters."""
+    from samtranslator.metrics.metrics import DummyMetricsPublisher, Metrics  # type: ignore[import-untyped]
+    from samtranslator.parser.parser import Parser  # type: ignore[import-untyped]
+    from samtranslator.translator.translator import Translator  # type: ignore[import-untyped]
+    from samtranslator.yaml_helper import yaml_parse  # type: ignore[import-untyped]
+
+    template = yaml_parse((REPO_ROOT / "template.yaml").read_text())
+    for definition in template["Resources"].values():
+        for uri in ("CodeUri", "ContentUri"):
+            if uri in definition.get("Properties", {}):
+                definition["Properties"][uri] = "s3://artifacts/content-retry.zip"
+    values = {
+        name: str(parameter["Default"])
+        for name, parameter in template["Parameters"].items()
+        if "Default" in parameter
+    }
+    values.update(REQUIRED, Stage=stage, **parameters)
+    metrics = Metrics("ServerlessTransform", DummyMetricsPublisher())
+    translated = Translator(
+        managed_policy_map={},
+        sam_parser=Parser(),
+        boto_session=boto3.Session(region_name=REGION),
+        metrics=metrics,
+    ).translate(template, dict(values), get_managed_policy_map=dict)
+    metrics.publish()  # to nowhere; unpublished, it complains when collected
+    values.update(PSEUDO_PARAMETERS, **{"AWS::StackName": f"content-retry-{stage}"})
+    return translated, values
+
+
+def _resolve_name(value: Any, values: dict[str, Any]) -> str | None:
+    """A name as CloudFormation resolves it, or None when it is another resource's
+    (a Ref or GetAtt: a reference to a name, not a name)."""
+    if isinstance(value, str):
+        return value
+    [(function, argument)] = value.items()
+    if function == "Ref":
+        return values.get(argument)
+    if function == "Fn::Sub":
+        text, variables = (argument, {}) if isinstance(argument, str) else argument
+        parts = []
+        for literal, name in re.findall(r"([^$]*)(?:\$\{([^}!]+)\})?", text):
+            parts.append(literal)
+            if name:
+                resolved = (
+                    _resolve_name(variables[name], values)
+                    if name in variables
+                    else values.get(name)
+                )
+                if resolved is None:
+                    return None
+                parts.append(resolved)
+        return "".join(parts)
+    if function == "Fn::GetAtt":
+        return None
+    raise AssertionError(f"a name this test cannot read: {value!r}")
+
+
+def physical_names(stage: str, **parameters: str) -> dict[tuple[str, str, str], str]:
+    """(type, property, name) -> the resource's logical id, for every resource the
+    translated template names itself."""
+    translated, values = translate(stage, **parameters)
+    names = {}
+    for logical_id, definition in translated["Resources"].items():
+        for key, value in definition.get("Properties", {}).items():
+            if not key.endswith("Name") or (definition["Type"], key) in NOT_NAMES:
+                continue
+            name = _resolve_name(value, values)
+            if name is not None:
+                names[(definition["Type"], key, name)] = logical_id
+    return names
+
+
+def test_two_stages_share_no_physical_name() -> None:
+    # GIVEN the template translated as sam deploy would, for dev and prod, with every
+    # optional resource but the account-wide API Gateway role (one per account)
+    dev = physical_names("dev", DatabaseSecretKmsKeyArn="", AlarmTopicArn="")
+    prod = physical_names("prod")
+
+    # WHEN the names each would create in the account and Region are compared
+    shared = {
+        f"{type_} {key} {name!r} ({dev[(type_, key, name)]})"
+        for type_, key, name in dev.keys() & prod.keys()
+        if (type_, key) not in SCOPED
+    }
+
+    # THEN none is the same: the second stage deploys beside the first
+    assert shared == set()
+    named_types = {type_ for type_, _, _ in dev}
+    assert {
+        "AWS::Scheduler::Schedule",
+        "AWS::SQS::Queue",
+        "AWS::RDS::DBProxy",
+        "AWS::CloudWatch::Alarm",
+        "AWS::CloudWatch::Dashboard",
+        "AWS::Logs::LogGroup",
+        "AWS::Lambda::LayerVersion",
+        "AWS::ApiGateway::RestApi",
+    } <= named_types, "the test must see the names it is about"
+    assert ("AWS::Scheduler::Schedule", "Name", "content-retry-sweep-dev") in dev
+
+
+@pytest.mark.parametrize("stage", LONGEST_STAGES)
+def test_the_longest_stage_makes_names_every_service_accepts(stage: str) -> None:
+    # GIVEN the longest stage the parameter admits
+    assert parameter_accepts("Stage", stage)
+
+    # WHEN every name of the translated template is built with it
+    names = physical_names(stage, CreateApiGatewayAccountRole="true")
+
+    # THEN each is one its service accepts
+    for type_, key, name in names:
+        assert (type_, key) in NAME_RULES, f"{type_} {key}: add the service's rule for it"
+        assert re.fullmatch(NAME_RULES[(type_, key)], name), f"{type_} {key} {name!r}"
+
+
+def test_the_translated_template_keeps_the_rules() -> None:
+    translated, _ = translate("dev")
+
+    assert set(translated["Rules"]) == set(load_template()["Rules"])

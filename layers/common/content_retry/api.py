@@ -68,6 +68,13 @@ class RetryResponse(BaseModel):
     retried_count: Annotated[int, Field(description="Items (concept x content type) queued")]
     items: dict[str, int]
     reasons: dict[str, int]
+    waiting_for_redrive: Annotated[
+        int,
+        Field(
+            description="Items not planned because their generated content waits in the "
+            "dead-letter queue: the next re-drive saves them without calling the LLM"
+        ),
+    ] = 0
     message: str
 
 

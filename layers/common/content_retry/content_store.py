@@ -38,7 +38,11 @@ def _save_statement(content_type: ContentType) -> TextClause:
     # Data-modifying CTEs run against one snapshot; each step is gated on the
     # one before (EXISTS), which also orders them: the previous version loses
     # is_latest before the new one is inserted, as the unique index requires.
-    # - item: the ledger, not the message, says which roadmap the item is in.
+    # - item: the ledger, not the message, says which roadmap the item is in;
+    #   only the message's own row (task, roadmap, owner) changes. It saves only
+    #   while it still holds the item: no completed latest row appeared since
+    #   its task began (another task or delivery saved it first: then the item
+    #   ends succeeded, nothing is inserted, one latest version whatever races).
     # - concept_path: where the concept sits in framework_data (first listing).
     # - framework: jsonb_set at that one path, not a rebuild of the tree. An
     #   UPDATE that waited for another writer's lock re-reads the row, so
@@ -56,12 +60,19 @@ WITH item AS (
   WHERE task_id = CAST(:task_id AS uuid) AND concept_id = :concept_id
     AND content_type = :content_type AND status <> '{ItemStatus.SUCCEEDED}'
     AND roadmap_id = :roadmap_id
-  RETURNING roadmap_id
+    AND EXISTS (SELECT 1 FROM retry_tasks AS t
+                WHERE t.task_id = CAST(:task_id AS uuid) AND t.user_id = :user_id)
+  RETURNING roadmap_id,
+    NOT EXISTS (SELECT 1 FROM {table} AS c, retry_tasks AS t
+                WHERE c.roadmap_id = :roadmap_id AND c.concept_id = :concept_id
+                  AND c.is_latest AND c.content_status = '{ContentStatus.COMPLETED}'
+                  AND t.task_id = CAST(:task_id AS uuid) AND c.created_at > t.created_at)
+      AS saves
 ),
 previous AS (
   UPDATE {table} SET is_latest = false
   WHERE roadmap_id = :roadmap_id AND concept_id = :concept_id AND is_latest
-    AND EXISTS (SELECT 1 FROM item)
+    AND EXISTS (SELECT 1 FROM item WHERE saves)
   RETURNING content_version
 ),
 saved AS (
@@ -74,7 +85,7 @@ saved AS (
            (SELECT coalesce(max(content_version), 0) FROM {table}
             WHERE roadmap_id = :roadmap_id AND concept_id = :concept_id)) + 1,
          true
-  FROM item
+  FROM item WHERE saves
   RETURNING content_version
 ),
 concept_path AS (
@@ -102,7 +113,7 @@ framework AS (
     AND EXISTS (SELECT 1 FROM saved)
   RETURNING 1
 )
-SELECT (SELECT content_version FROM saved) AS version
+SELECT (SELECT content_version FROM saved) AS version, EXISTS (SELECT 1 FROM item) AS recorded
 """  # noqa: S608 - table and column names come from STORAGE; values are bound  # nosec B608
     )
 
@@ -119,32 +130,46 @@ def save_item(
     key: ItemKey,
     *,
     roadmap_id: str,
+    user_id: str,
     concept_name: str,
     content: ContentModel,
     cost: ItemCost = NOT_CALLED,
-) -> int | None:
+) -> ItemSave:
     """Save one item's content as its new latest version, in the caller's transaction,
     adding what generating it cost to its ledger row.
 
-    Returns the new ``content_version``, or None when the ledger says the item
-    was already saved (or was never planned): then nothing is written, the
-    cost included.
+    Returns the new ``content_version``, or None when nothing was inserted:
+    the ledger says the item was already saved or never planned (then nothing
+    is written, the cost included), or another task or delivery saved the
+    concept since this task began (then the item ends succeeded, its cost kept).
     """
-    version: int | None = connection.execute(
+    row = connection.execute(
         _save_statement(key.content_type),
         {
             "task_id": key.task_id,
             "concept_id": key.concept_id,
             "content_type": key.content_type.value,
             "roadmap_id": roadmap_id,
+            "user_id": user_id,
             "title": content.stored_title(concept_name),
             "payload": _stored_payload(key.content_type, content),
             "llm_calls": cost.llm_calls,
             "input_tokens": cost.input_tokens,
             "output_tokens": cost.output_tokens,
         },
-    ).scalar_one()
-    return version
+    ).one()
+    return ItemSave(row.version, row.recorded)
+
+
+@dataclass(frozen=True)
+class ItemSave:
+    """What one item's save statement did."""
+
+    # The new version, None when none was inserted.
+    version: int | None
+    # The ledger row was marked succeeded, with the cost (saved now, or found
+    # saved by another task since this one began).
+    recorded: bool
 
 
 @dataclass
@@ -248,20 +273,33 @@ def _save_transaction(
     task_id, concept_id = str(message.task_id), message.concept.concept_id
     with database.transaction() as connection:
         versions: dict[ContentType, int | None] = {}
+        recorded: set[ContentType] = set()
         for content_type, content in to_save.items():
             key = ItemKey(task_id, concept_id, content_type)
-            versions[content_type] = save_item(
+            item = save_item(
                 connection,
                 key,
-                roadmap_id=message.roadmap_id,
                 concept_name=message.concept.name,
                 content=content,
                 cost=costs.get(key, NOT_CALLED),
+                roadmap_id=message.roadmap_id,
+                user_id=message.user_id,
             )
+            versions[content_type] = item.version
+            if item.recorded:
+                recorded.add(content_type)
         ended_now = set()
         for content_type, error in failed_for_good.items():
             key = ItemKey(task_id, concept_id, content_type)
-            if ledger.record_outcomes(connection, [key], status=ItemStatus.FAILED, error=error):
+            failed = ItemStatus.FAILED
+            if ledger.record_outcomes(
+                connection,
+                [key],
+                status=failed,
+                error=error,
+                roadmap_id=message.roadmap_id,
+                user_id=message.user_id,
+            ):
                 ended_now.add(content_type)
         # Only what failed now: an item another delivery saved meanwhile keeps
         # the completed status its save wrote.
@@ -280,6 +318,8 @@ def _save_transaction(
         # (failed, or saved by another delivery meanwhile: paid all the same).
         ledger.add_costs(
             connection,
-            {key: cost for key, cost in costs.items() if versions.get(key.content_type) is None},
+            {key: cost for key, cost in costs.items() if key.content_type not in recorded},
+            roadmap_id=message.roadmap_id,
+            user_id=message.user_id,
         )
     return versions

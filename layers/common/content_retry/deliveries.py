@@ -55,8 +55,18 @@ class Delivery:
 
     @property
     def open_items(self) -> list[ContentType]:
-        """Items this delivery still has to settle."""
-        return [ct for ct, item in self.started.items() if not item.already_done]
+        """Items this delivery still has to settle (not those another delivery holds)."""
+        return [
+            ct
+            for ct, item in self.started.items()
+            if not item.already_done and item.busy_seconds is None
+        ]
+
+    @property
+    def busy_seconds(self) -> float | None:
+        """How long another live delivery still holds one of the items (None: none does)."""
+        held = [item.busy_seconds for item in self.started.values() if item.busy_seconds]
+        return max(held) if held else None
 
     def items_to_generate(self) -> list[ItemToGenerate]:
         """Open items the message carries no content for (nor content set aside)."""
@@ -64,7 +74,7 @@ class Delivery:
         return [
             ItemToGenerate(content_type, item.llm_calls)
             for content_type, item in self.started.items()
-            if not item.already_done
+            if content_type in self.open_items
             and (
                 carried is None
                 or (carried.get(content_type) is None and content_type not in carried.unusable)
@@ -156,6 +166,25 @@ def read_message(body: str) -> RetryMessage:
         raise ValueError("; ".join(describe_errors(exc.errors(), whole="body"))) from exc
 
 
+def _delivered_items(
+    message: RetryMessage, message_id: str | None, receives: int
+) -> list[DeliveredItem]:
+    """A message's items as this delivery names them (key, roadmap, owner,
+    content carried, the SQS message and its receive count)."""
+    carried = message.generated
+    return [
+        DeliveredItem(
+            key,
+            message.roadmap_id,
+            message.user_id,
+            carries_content=carried is not None and carried.get(key.content_type) is not None,
+            message_id=message_id,
+            receive_count=receives,
+        )
+        for key in item_keys(message)
+    ]
+
+
 def item_types(message: RetryMessage) -> list[ContentType]:
     """The content types of a message's items, in its order."""
     return [item.content_type for item in message.items]
@@ -169,10 +198,15 @@ def item_keys(message: RetryMessage) -> list[ItemKey]:
     ]
 
 
-def prepare_deliveries(database: BatchConnection, records: Sequence[dict[str, Any]]) -> Deliveries:
-    """Parse every record's body, then start every item of the batch in one statement."""
+def prepare_deliveries(
+    database: BatchConnection, records: Sequence[dict[str, Any]], *, delivery_seconds: float = 900
+) -> Deliveries:
+    """Parse every record's body, then start every item of the batch in one statement,
+    held for this delivery for ``delivery_seconds`` (the invocation's time)."""
     deliveries = Deliveries({})
-    items: list[DeliveredItem] = []
+    # One entry per item (the same item in two messages is started once); a
+    # copy carrying the item's content wins, as it need not wait its turn.
+    items: dict[tuple[ItemKey, str, str], DeliveredItem] = {}
     for record in records:
         delivery = deliveries.by_message_id[record.get("messageId", "")] = Delivery()
         paid = (record.get("messageAttributes") or {}).get(PAID_ATTRIBUTE) or {}
@@ -182,18 +216,23 @@ def prepare_deliveries(database: BatchConnection, records: Sequence[dict[str, An
         except ValueError as exc:
             delivery.invalid_reason = str(exc)
             continue
-        message = delivery.message
-        delivered = [
-            DeliveredItem(key, message.roadmap_id, message.user_id) for key in item_keys(message)
-        ]
+        receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
+        delivered = _delivered_items(delivery.message, record.get("messageId"), receives)
         # A copy carrying generated content is never dropped for another.
-        if message.generated is None and set(delivered) <= set(items):
+        if delivery.message.generated is None and all(
+            (item.key, item.roadmap_id, item.user_id) in items for item in delivered
+        ):
             delivery.duplicate = True
             continue
-        items += [item for item in delivered if item not in items]
+        for item in delivered:
+            known = items.get((item.key, item.roadmap_id, item.user_id))
+            if known is None or item.carries_content:
+                items[(item.key, item.roadmap_id, item.user_id)] = item
     try:
         with database.transaction() as connection:
-            started = ledger.start_items(connection, items)
+            started = ledger.start_items(
+                connection, list(items.values()), delivery_seconds=delivery_seconds
+            )
     except DATABASE_ERRORS as exc:
         logger.exception("retry_batch_start_failed", extra={"items": len(items)})
         deliveries.start_failed = f"database unavailable: {exc!r}"
@@ -208,21 +247,34 @@ def prepare_deliveries(database: BatchConnection, records: Sequence[dict[str, An
 
 def note_outcomes(
     database: BatchConnection,
-    keys: Sequence[ItemKey],
+    message: RetryMessage,
     notes: Mapping[ContentType, tuple[ItemStatus, str]],
     costs: Mapping[ItemKey, ItemCost],
+    *,
+    content_kept_minutes: int | None = None,
 ) -> None:
-    """Note items' outcomes and what their calls cost, if the database lets us:
-    the message (returned or dead-lettered) stays the record of truth, and a
-    note that cannot be written is left for a later delivery to settle."""
-    by_type = {key.content_type: key for key in keys}
+    """Note a message's items' outcomes and what their calls cost, if the
+    database lets us: the message (returned or dead-lettered) stays the record
+    of truth, and a note that cannot be written is left for a later delivery.
+
+    Args:
+        content_kept_minutes: the message's content waits in the dead-letter
+            queue that long: its dead-lettered items stay claimed meanwhile.
+    """
+    by_type = {key.content_type: key for key in item_keys(message)}
+    owner = {"roadmap_id": message.roadmap_id, "user_id": message.user_id}
     try:
         with database.transaction() as connection:
             for content_type, (status, error) in notes.items():
                 if content_type in by_type:
                     ledger.record_outcomes(
-                        connection, [by_type[content_type]], status=status, error=error
+                        connection,
+                        [by_type[content_type]],
+                        status=status,
+                        error=error,
+                        content_kept_minutes=content_kept_minutes,
+                        **owner,
                     )
-            ledger.add_costs(connection, costs)
+            ledger.add_costs(connection, costs, **owner)
     except DATABASE_ERRORS:
         logger.warning("retry_ledger_not_updated")

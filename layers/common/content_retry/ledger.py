@@ -173,12 +173,18 @@ _START_ITEMS = text(
     f"""
 WITH current AS (
   SELECT i.task_id, i.concept_id, i.content_type, i.status, i.llm_calls,
-         CASE i.content_type {_COMPLETED_NOW} ELSE false END AS completed_since_task
+         CASE i.content_type {_COMPLETED_NOW} ELSE false END AS completed_since_task,
+         CASE WHEN NOT w.carried AND (w.message_id IS DISTINCT FROM i.delivery_message_id
+                                      OR w.receive_count <= i.delivery_receive_count)
+              THEN greatest(extract(epoch FROM i.delivery_until - now()), 0) END AS busy_seconds,
+         w.message_id, w.receive_count
   FROM retry_items AS i
   JOIN unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]),
               CAST(:content_types AS text[]), CAST(:roadmap_ids AS text[]),
-              CAST(:user_ids AS text[]))
-       AS w(task_id, concept_id, content_type, roadmap_id, user_id)
+              CAST(:user_ids AS text[]), CAST(:carried AS boolean[]),
+              CAST(:message_ids AS text[]), CAST(:receive_counts AS integer[]))
+       AS w(task_id, concept_id, content_type, roadmap_id, user_id, carried, message_id,
+            receive_count)
     ON (w.task_id, w.concept_id, w.content_type, w.roadmap_id)
        = (i.task_id, i.concept_id, i.content_type, i.roadmap_id)
   JOIN retry_tasks AS t ON t.task_id = i.task_id AND t.user_id = w.user_id
@@ -189,14 +195,19 @@ updated AS (
     status = CASE WHEN c.completed_since_task THEN '{ItemStatus.SUCCEEDED}'
                   ELSE '{ItemStatus.RUNNING}' END,
     attempts = i.attempts + CASE WHEN c.completed_since_task THEN 0 ELSE 1 END,
-    claimed_at = now(), updated_at = now()
+    claimed_at = now(), updated_at = now(),
+    delivery_until = now() + make_interval(secs => CAST(:delivery_seconds AS float8)),
+    delivery_message_id = c.message_id, delivery_receive_count = c.receive_count
   FROM current AS c
   WHERE (i.task_id, i.concept_id, i.content_type) = (c.task_id, c.concept_id, c.content_type)
     AND c.status NOT IN ({sql_list(ENDED_STATUSES)})
+    AND NOT (c.status = '{ItemStatus.RUNNING}' AND coalesce(c.busy_seconds, 0) > 0)
   RETURNING i.task_id, i.concept_id, i.content_type, i.attempts
 )
 SELECT c.task_id, c.concept_id, c.content_type, c.status, c.completed_since_task,
-       coalesce(u.attempts, 0) AS attempts, c.llm_calls
+       coalesce(u.attempts, 0) AS attempts, c.llm_calls,
+       CASE WHEN u.task_id IS NULL AND c.status = '{ItemStatus.RUNNING}'
+            THEN c.busy_seconds END AS busy_seconds
 FROM current AS c LEFT JOIN updated AS u USING (task_id, concept_id, content_type)
 """  # noqa: S608 - table names come from STORAGE; values are bound  # nosec B608
 )
@@ -209,6 +220,13 @@ class DeliveredItem:
     key: ItemKey
     roadmap_id: str
     user_id: str
+    # The message carries the item's generated content: saving it pays nothing,
+    # so it need not wait for another delivery (the save itself is race-safe).
+    carries_content: bool = False
+    # The SQS message and its receive count: a later receive of the message
+    # that holds the item is its redelivery (its holder has ended), not another.
+    message_id: str | None = None
+    receive_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -222,6 +240,9 @@ class StartedItem:
     completed_since_task: bool
     # LLM calls recorded for the item before this delivery.
     llm_calls: int = 0
+    # Seconds another delivery still holds the running item (None: not held):
+    # this delivery leaves it alone and comes back after them.
+    busy_seconds: float | None = None
 
     @property
     def already_done(self) -> bool:
@@ -230,7 +251,7 @@ class StartedItem:
 
 
 def start_items(
-    connection: Connection, items: Sequence[DeliveredItem]
+    connection: Connection, items: Sequence[DeliveredItem], *, delivery_seconds: float = 900
 ) -> dict[ItemKey, StartedItem]:
     """Mark a batch's items running, in one statement, before any LLM call.
 
@@ -238,7 +259,9 @@ def start_items(
     generation: ended for this task (saved, or failed for good), or completed
     by someone else since it was planned (deduplication, not judging; marked
     succeeded). An item whose ledger row names another roadmap or owner than
-    the message is left untouched and reported as never planned.
+    the message is left untouched and reported as never planned. A running
+    item another live delivery holds is left to it (``busy_seconds``); the
+    items started here are held for ``delivery_seconds`` (the invocation's time).
     """
     if not items:
         return {}
@@ -250,6 +273,10 @@ def start_items(
             "content_types": [item.key.content_type.value for item in items],
             "roadmap_ids": [item.roadmap_id for item in items],
             "user_ids": [item.user_id for item in items],
+            "carried": [item.carries_content for item in items],
+            "message_ids": [item.message_id for item in items],
+            "receive_counts": [item.receive_count for item in items],
+            "delivery_seconds": delivery_seconds,
         },
     ).all()
     found: dict[ItemKey, StartedItem] = {}
@@ -262,6 +289,7 @@ def start_items(
             attempts=row.attempts,
             completed_since_task=bool(row.completed_since_task) and status not in ENDED_STATUSES,
             llm_calls=row.llm_calls,
+            busy_seconds=None if row.busy_seconds is None else float(row.busy_seconds),
         )
     return {
         item.key: found.get(item.key, StartedItem(item.key, None, 0, completed_since_task=False))
@@ -270,25 +298,31 @@ def start_items(
 
 
 def record_outcomes(
-    connection: Connection, keys: Sequence[ItemKey], *, status: ItemStatus, error: str | None
+    connection: Connection,
+    keys: Sequence[ItemKey],
+    *,
+    status: ItemStatus,
+    error: str | None,
+    roadmap_id: str,
+    user_id: str,
+    content_kept_minutes: int | None = None,
 ) -> set[ItemKey]:
     """Set items' status and last error (failed, dead_lettered, or still running);
-    returns the items whose row changed.
+    returns the items whose row changed. The delivery that noted them ends.
 
-    An item that already ended for its task (saved, or failed for good) keeps
-    its status: a late note about an earlier delivery never undoes an ending.
+    Only the rows of ``roadmap_id`` and ``user_id`` change: a message changes
+    its own ledger rows only, never another roadmap's or owner's (DESIGN §12).
+    An item that already ended for its task (saved, or failed permanently)
+    keeps its status: a late note about an earlier delivery never undoes it.
+
+    Args:
+        content_kept_minutes: the item's generated content waits in the
+            dead-letter queue for that long: it stays claimed meanwhile.
     """
     if not keys:
         return set()
     rows = connection.execute(
-        text(
-            "UPDATE retry_items AS i SET status = :status, last_error = :error, updated_at = now() "
-            "FROM unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]), "
-            "CAST(:content_types AS text[])) AS k(task_id, concept_id, content_type) "
-            "WHERE (i.task_id, i.concept_id, i.content_type) = (k.task_id, k.concept_id, "
-            "k.content_type) AND i.status <> ALL(CAST(:ended AS text[])) "
-            "RETURNING i.task_id, i.concept_id, i.content_type"
-        ),
+        _RECORD_OUTCOMES,
         {
             "status": status.value,
             "error": clip_error(error) if error else None,
@@ -296,13 +330,33 @@ def record_outcomes(
             "task_ids": [key.task_id for key in keys],
             "concept_ids": [key.concept_id for key in keys],
             "content_types": [key.content_type.value for key in keys],
+            "roadmap_id": roadmap_id,
+            "user_id": user_id,
+            "kept_minutes": content_kept_minutes,
         },
     )
     return {ItemKey(str(task), concept, ContentType(kind)) for task, concept, kind in rows}
 
 
-def add_costs(connection: Connection, costs: Mapping[ItemKey, ItemCost]) -> None:
-    """Add what items' LLM calls cost (calls, tokens) to their ledger rows, in one statement."""
+_RECORD_OUTCOMES = text(
+    "UPDATE retry_items AS i SET status = :status, last_error = :error, updated_at = now(), "
+    "delivery_until = NULL, content_in_dlq_until = CASE "
+    "WHEN CAST(:kept_minutes AS integer) IS NULL THEN i.content_in_dlq_until "
+    "ELSE now() + make_interval(mins => CAST(:kept_minutes AS integer)) END "
+    "FROM unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]), "
+    "CAST(:content_types AS text[])) AS k(task_id, concept_id, content_type), retry_tasks AS t "
+    "WHERE (i.task_id, i.concept_id, i.content_type) = (k.task_id, k.concept_id, "
+    "k.content_type) AND i.status <> ALL(CAST(:ended AS text[])) "
+    "AND i.roadmap_id = :roadmap_id AND t.task_id = i.task_id AND t.user_id = :user_id "
+    "RETURNING i.task_id, i.concept_id, i.content_type"
+)
+
+
+def add_costs(
+    connection: Connection, costs: Mapping[ItemKey, ItemCost], *, roadmap_id: str, user_id: str
+) -> None:
+    """Add what items' LLM calls cost (calls, tokens) to their ledger rows, in one
+    statement; only rows of ``roadmap_id`` and ``user_id`` (the message's own)."""
     paid = {key: cost for key, cost in costs.items() if cost.llm_calls}
     if not paid:
         return
@@ -315,9 +369,11 @@ def add_costs(connection: Connection, costs: Mapping[ItemKey, ItemCost]) -> None
             "FROM unnest(CAST(:task_ids AS uuid[]), CAST(:concept_ids AS text[]), "
             "CAST(:content_types AS text[]), CAST(:calls AS integer[]), "
             "CAST(:input_tokens AS bigint[]), CAST(:output_tokens AS bigint[])) "
-            "AS c(task_id, concept_id, content_type, calls, input_tokens, output_tokens) "
+            "AS c(task_id, concept_id, content_type, calls, input_tokens, output_tokens), "
+            "retry_tasks AS t "
             "WHERE (i.task_id, i.concept_id, i.content_type) = (c.task_id, c.concept_id, "
-            "c.content_type)"
+            "c.content_type) AND i.roadmap_id = :roadmap_id AND t.task_id = i.task_id "
+            "AND t.user_id = :user_id"
         ),
         {
             "task_ids": [key.task_id for key in keys],
@@ -326,5 +382,7 @@ def add_costs(connection: Connection, costs: Mapping[ItemKey, ItemCost]) -> None
             "calls": [paid[key].llm_calls for key in keys],
             "input_tokens": [paid[key].input_tokens for key in keys],
             "output_tokens": [paid[key].output_tokens for key in keys],
+            "roadmap_id": roadmap_id,
+            "user_id": user_id,
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Annotated, Literal
 from uuid import UUID
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from content_retry.concepts import Concept, Identifier
 from content_retry.content_types import ContentType
 from content_retry.generated import GeneratedContent
-from content_retry.plan.models import Reason, RetryPlan
+from content_retry.plan.models import ConceptPlan, Reason, RetryPlan
 
 MESSAGE_VERSION = 1
 
@@ -66,18 +67,26 @@ def messages_for_plan(
 ) -> list[RetryMessage]:
     """One message per planned concept, carrying the concept's full context."""
     task = UUID(str(task_id))
-    return [
-        RetryMessage(
-            version=MESSAGE_VERSION,
-            task_id=task,
-            roadmap_id=plan.roadmap_id,
-            user_id=plan.user_id,
-            concept=concept_plan.concept,
-            items=[
-                MessageItem(content_type=item.content_type, reason=item.reason)
-                for item in concept_plan.items
-            ],
-            preferences=preferences,
-        )
-        for concept_plan in plan.concepts
-    ]
+    return [message_for_concept(task, plan, concept, preferences) for concept in plan.concepts]
+
+
+def message_for_concept(
+    task_id: UUID | str, plan: RetryPlan, concept: ConceptPlan, preferences: Preferences
+) -> RetryMessage:
+    """The message of one planned concept. Detect builds them one at a time as
+    it sends, so a large plan's messages are never all in memory at once."""
+    return RetryMessage(
+        version=MESSAGE_VERSION,
+        task_id=task_id if isinstance(task_id, UUID) else UUID(task_id),
+        roadmap_id=plan.roadmap_id,
+        user_id=plan.user_id,
+        concept=concept.concept,
+        items=[_message_item(item.content_type, item.reason) for item in concept.items],
+        preferences=preferences,
+    )
+
+
+@cache
+def _message_item(content_type: ContentType, reason: Reason) -> MessageItem:
+    # Frozen, and at most one per content type and reason: shared by every message.
+    return MessageItem(content_type=content_type, reason=reason)

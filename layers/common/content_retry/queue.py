@@ -3,80 +3,257 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from content_retry.messages import RetryMessage
 from content_retry.validation import clip_error
 
-# SendMessageBatch takes at most 10 entries.
+# SendMessageBatch takes at most 10 entries, of at most 1 MiB in all; a message
+# may be 1 MiB too (template.yaml's MaximumMessageSize). SQS counts a message
+# as its body's UTF-8 bytes plus each message attribute's name, type and value.
 BATCH_SIZE = 10
+MAX_BATCH_BYTES = 1_048_576
+MAX_MESSAGE_BYTES = 1_048_576
 # Entries SQS reports failed are sent again this many more times before the
 # concept's claim is released.
 RESEND_ATTEMPTS = 2
+# SendMessageBatch calls in flight at once: as many as the SQS client's
+# connection pool holds (botocore's max_pool_connections, 10 by default), so
+# no call opens a connection only to drop it. At 15 ms a call, 10,000 messages
+# take 1,000 calls: 1.5 s at once, 15 s one after another.
+SEND_CONCURRENCY = 10
+# No batch is started with less than SEND_MARGIN_SECONDS of the caller's time
+# left, and batches in flight are waited for until GIVE_UP_SECONDS are left:
+# the caller keeps that to record what was sent and release what was not.
+SEND_MARGIN_SECONDS = 0.5
+GIVE_UP_SECONDS = 0.3
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message ready to send: its concept, and its body as SQS counts it (UTF-8)."""
+
+    concept_id: str
+    body: bytes
+    # SendMessage's MessageAttributes, if any (they count against the limits).
+    attributes: Mapping[str, Mapping[str, Any]] | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes SQS counts against its limits: the body, and each attribute's
+        name, data type and value."""
+        size = len(self.body)
+        for name, attribute in (self.attributes or {}).items():
+            value = attribute.get("StringValue") or attribute.get("BinaryValue") or b""
+            size += len(name.encode()) + len(str(attribute.get("DataType", "")).encode())
+            size += len(value.encode() if isinstance(value, str) else value)
+        return size
+
+    def entry(self, entry_id: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"Id": entry_id, "MessageBody": self.body.decode()}
+        if self.attributes:
+            entry["MessageAttributes"] = self.attributes
+        return entry
 
 
 @dataclass
 class SendResult:
     sent: list[str] = field(default_factory=list)  # concept ids
     failed: dict[str, str] = field(default_factory=dict)  # concept id -> last error
+    # Concepts whose batch had not answered when the time ran out, or whose
+    # call ended in a crash: they may be in the queue or not.
+    unconfirmed: list[str] = field(default_factory=list)
+    # Why the messages in none of the above were never started (the time ran
+    # out, or a call crashed); None when every message was.
+    not_started: str | None = None
     api_calls: int = 0
 
 
 def send_retry_messages(
     sqs: Any,
     queue_url: str,
-    messages: Sequence[RetryMessage],
+    messages: Iterable[OutgoingMessage],
     *,
     sleep: Callable[[float], None] = time.sleep,
+    on_sent: Callable[[list[str]], None] = lambda concept_ids: None,
+    time_left: Callable[[], float] = lambda: float("inf"),
+    concurrency: int = SEND_CONCURRENCY,
 ) -> SendResult:
-    """Send one message per concept, 10 per ``SendMessageBatch`` call.
+    """Send one message per concept in ``SendMessageBatch`` calls, ``concurrency`` at once.
 
-    Entries that SQS reports failed are sent again (up to RESEND_ATTEMPTS
-    more times, with a short backoff); a call that raises counts as every entry
-    of that batch failing. Nothing raises: what could not be sent is returned,
-    so the caller can release those claims.
+    A batch holds at most BATCH_SIZE messages of at most MAX_BATCH_BYTES in
+    all; a message over MAX_MESSAGE_BYTES is failed on its own, with why.
+    ``messages`` is read as batches are needed, so a large plan's bodies are
+    never all in memory. Entries SQS reports failed are sent again (up to
+    RESEND_ATTEMPTS more times, with a short backoff); a call that raises a
+    botocore error counts as every entry of that batch failing.
+
+    ``on_sent`` is called on this thread with each batch's sent concepts as
+    soon as it answers (the caller records them, batch by batch). Once
+    ``time_left()`` falls below SEND_MARGIN_SECONDS no batch is started (the
+    result's ``not_started`` says why; messages waiting to be sent again are
+    failed with it), and batches that have not answered by GIVE_UP_SECONDS
+    are given up as unconfirmed. Nothing raises for SQS: what could not be
+    sent is returned, so the caller can release those claims.
+
+    Raises:
+        Whatever else a call raised (a crash), once the other calls in flight
+        have answered (within the time) and ``on_sent`` has been told of each
+        sent batch; the crashed batch's concepts are unconfirmed.
     """
-    result = SendResult()
-    for start in range(0, len(messages), BATCH_SIZE):
-        pending = {
-            str(index): message
-            for index, message in enumerate(messages[start : start + BATCH_SIZE])
-        }
-        for attempt in range(RESEND_ATTEMPTS + 1):
-            if attempt:
-                sleep(0.1 * 2**attempt)
-            errors = _send_batch(sqs, queue_url, pending)
-            result.api_calls += 1
-            for entry_id, message in pending.items():
-                if entry_id not in errors:
-                    result.sent.append(message.concept.concept_id)
-            pending = {entry_id: pending[entry_id] for entry_id in errors}
-            if not pending:
-                break
-        else:
-            for entry_id, message in pending.items():
-                result.failed[message.concept.concept_id] = errors[entry_id]
-    return result
+    return _Sender(sqs, queue_url, sleep, on_sent, time_left, concurrency).run(messages)
 
 
-def _send_batch(sqs: Any, queue_url: str, entries: dict[str, RetryMessage]) -> dict[str, str]:
-    """Send one batch; returns the failed entry ids with their errors."""
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    messages: list[OutgoingMessage]
+    attempt: int = 0
+
+    def concept_ids(self) -> list[str]:
+        return [message.concept_id for message in self.messages]
+
+
+def _batches(messages: Iterable[OutgoingMessage], result: SendResult) -> Iterator[_Batch]:
+    """Group messages into batches by count and by bytes, in order; a message
+    over the limit on its own is failed here, never sent."""
+    batch: list[OutgoingMessage] = []
+    size = 0
+    for message in messages:
+        message_size = message.size
+        if message_size > MAX_MESSAGE_BYTES:
+            result.failed[message.concept_id] = (
+                f"the message is {message_size:,} bytes, over SQS's limit of "
+                f"{MAX_MESSAGE_BYTES:,} bytes for one message: not sent"
+            )
+            continue
+        if batch and (len(batch) == BATCH_SIZE or size + message_size > MAX_BATCH_BYTES):
+            yield _Batch(batch)
+            batch, size = [], 0
+        batch.append(message)
+        size += message_size
+    if batch:
+        yield _Batch(batch)
+
+
+class _Sender:
+    """The calling thread's side of a send: batches in, answers out, in order of answer."""
+
+    def __init__(
+        self,
+        sqs: Any,
+        queue_url: str,
+        sleep: Callable[[float], None],
+        on_sent: Callable[[list[str]], None],
+        time_left: Callable[[], float],
+        concurrency: int,
+    ) -> None:
+        self._sqs, self._queue_url, self._sleep = sqs, queue_url, sleep
+        self._on_sent, self._time_left = on_sent, time_left
+        # Submitted ahead of the threads, so they keep sending while on_sent records.
+        self._window = 2 * concurrency
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sqs-send")
+        self._in_flight: dict[Future[dict[int, str]], _Batch] = {}
+        self._resends: list[_Batch] = []
+        self._crash: BaseException | None = None
+        self.result = SendResult()
+
+    def run(self, messages: Iterable[OutgoingMessage]) -> SendResult:
+        batches = _batches(messages, self.result)
+        try:
+            self._submit(batches)
+            while self._in_flight:
+                done = self._answered()
+                if not done:  # out of time: what is still in flight is given up
+                    for batch in self._in_flight.values():
+                        self.result.unconfirmed += batch.concept_ids()
+                    break
+                for future in done:
+                    self._settle(future, self._in_flight.pop(future))
+                self._submit(batches)
+        finally:
+            # Never waits: a call given up may still answer, after the caller.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._crash is not None:
+            raise self._crash
+        return self.result
+
+    def _submit(self, batches: Iterator[_Batch]) -> None:
+        """Start batches (resends first) until the window is full, the messages
+        are all sent, or the time is up (then fail what is left, with why)."""
+        while self.result.not_started is None and len(self._in_flight) < self._window:
+            batch = self._resends.pop() if self._resends else next(batches, None)
+            if batch is None:
+                return
+            if self._time_left() < SEND_MARGIN_SECONDS:
+                self._resends.append(batch)
+                self._stop()
+                return
+            self.result.api_calls += 1
+            future = self._pool.submit(_send_batch, self._sqs, self._queue_url, batch, self._sleep)
+            self._in_flight[future] = batch
+
+    def _stop(self) -> None:
+        """The time is up: no batch is started any more."""
+        self.result.not_started = (
+            "not sent: the invocation's time ran out "
+            f"(less than {SEND_MARGIN_SECONDS} s was left to send it)"
+        )
+        for batch in self._resends:
+            self.result.failed.update(dict.fromkeys(batch.concept_ids(), self.result.not_started))
+        self._resends.clear()
+
+    def _answered(self) -> set[Future[dict[int, str]]]:
+        """The calls in flight that have answered, waiting for at least one
+        while the time allows (none: the time is up)."""
+        left = self._time_left() - GIVE_UP_SECONDS
+        timeout = None if left == float("inf") else max(left, 0)
+        done, _ = wait(self._in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
+        return done
+
+    def _settle(self, future: Future[dict[int, str]], batch: _Batch) -> None:
+        crash = future.exception()
+        if crash is not None:
+            self._crash = self._crash or crash
+            self.result.not_started = self.result.not_started or f"not sent: {crash!r}"
+            self.result.unconfirmed += batch.concept_ids()
+            return
+        errors = future.result()
+        sent = [m.concept_id for n, m in enumerate(batch.messages) if n not in errors]
+        if sent:
+            self.result.sent += sent
+            self._on_sent(sent)
+        if not errors:
+            return
+        failed = [batch.messages[n] for n in sorted(errors)]
+        if batch.attempt < RESEND_ATTEMPTS:
+            self._resends.append(_Batch(failed, batch.attempt + 1))
+            return
+        for n in errors:
+            self.result.failed[batch.messages[n].concept_id] = errors[n]
+
+
+def _send_batch(
+    sqs: Any, queue_url: str, batch: _Batch, sleep: Callable[[float], None]
+) -> dict[int, str]:
+    """Send one batch (after its backoff, for a resend); returns the failed
+    entries' positions with their errors. Runs on a pool thread."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    if batch.attempt:
+        sleep(0.1 * 2**batch.attempt)
     try:
         response = sqs.send_message_batch(
             QueueUrl=queue_url,
-            Entries=[
-                {"Id": entry_id, "MessageBody": message.to_body()}
-                for entry_id, message in entries.items()
-            ],
+            Entries=[message.entry(str(n)) for n, message in enumerate(batch.messages)],
         )
     except (BotoCoreError, ClientError) as exc:
-        return dict.fromkeys(entries, f"{type(exc).__name__}: {exc}")
+        return dict.fromkeys(range(len(batch.messages)), f"{type(exc).__name__}: {exc}")
     return {
-        failure["Id"]: f"{failure.get('Code', 'Error')}: {failure.get('Message', '')}".strip()
+        int(failure["Id"]): (
+            f"{failure.get('Code', 'Error')}: {failure.get('Message', '')}".strip()
+        )
         for failure in response.get("Failed", [])
     }
 

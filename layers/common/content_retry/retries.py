@@ -8,19 +8,21 @@ only then sent to the queue, one message per concept.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import Engine
 
-from content_retry import ledger
-from content_retry.database import DATABASE_ERRORS
-from content_retry.messages import Preferences, RetryMessage, messages_for_plan
+from content_retry import deadlines, ledger
+from content_retry.database import DATABASE_ERRORS, BatchConnection
+from content_retry.messages import Preferences, message_for_concept
 from content_retry.observability import logger, metrics
 from content_retry.plan import RetryPlan, build_retry_plan
 from content_retry.plan.models import Reason
-from content_retry.queue import SendResult, send_retry_messages
+from content_retry.queue import OutgoingMessage, SendResult, send_retry_messages
 from content_retry.settings import Settings
 from content_retry.validation import clip_error
 
@@ -47,6 +49,12 @@ class RetryOutcome:
     # The database did not record which messages were sent: the claims of the
     # unsent items were not released, and hold until the claim lease passes.
     sends_unrecorded: bool = False
+    # Items whose message was being sent when the time ran out (or the call
+    # crashed): queued or not, their claims hold until the lease passes.
+    unconfirmed_count: int = 0
+    # Items not planned because their generated content waits in the
+    # dead-letter queue: the next re-drive saves them without the LLM.
+    waiting_for_redrive: int = 0
 
     @property
     def message(self) -> str:
@@ -63,17 +71,24 @@ class RetryOutcome:
                 f"; {self.unsent_count} item(s) could not be queued and will be planned "
                 f"again {when}"
             )
+        if self.unconfirmed_count:
+            text_ += (
+                f"; {self.unconfirmed_count} item(s) were being sent when the time ran out: "
+                "those not queued will be planned again once their claim lease has passed"
+            )
         return text_
 
     def as_response(self) -> dict[str, Any]:
         return {
             # Something was queued, or nothing needed to be; not when every
             # planned message was refused (the API's 503).
-            "success": self.retried_count > 0 or self.unsent_count == 0,
+            "success": self.retried_count > 0
+            or (self.unsent_count == 0 and self.unconfirmed_count == 0),
             "task_id": self.task_id,
             "retried_count": self.retried_count,
             "items": self.items,
             "reasons": self.reasons,
+            "waiting_for_redrive": self.waiting_for_redrive,
             "message": self.message,
         }
 
@@ -123,7 +138,7 @@ def start_retry(
       during the COMMIT itself, the claims may have been written: they expire
       after the lease, as after a crash);
     - after the commit: the messages are sent all the same, and the outcome
-      says what was queued (:func:`_record_sends`).
+      says what was queued (:class:`_SendRecorder`).
 
     Raises:
         UnknownContentTypeError: a content type is unknown, or the list is empty.
@@ -147,13 +162,21 @@ def start_retry(
             task_id = ledger.create_task(
                 connection, plan, trigger=trigger, preferences=preferences.model_dump()
             )
-            # Built before the commit: a message that cannot be built leaves no
-            # claim behind to hold its items back for a lease.
-            messages = messages_for_plan(task_id, plan, preferences)
+            # One message is built before the commit: a roadmap no message can
+            # name (its id, its owner's) leaves no claim behind to hold its items
+            # back for a lease. The others differ by their concept only, which the
+            # judge validated; they are built as they are sent (_send).
+            message_for_concept(task_id, plan, plan.concepts[0], preferences)
     _log_plan(plan, task_id, trigger)
     if task_id is None:
-        return RetryOutcome(None, 0, plan.count_by_type(), plan.count_by_reason())
-    return _send(deps, queue_url, plan, task_id, messages)
+        return RetryOutcome(
+            None,
+            0,
+            plan.count_by_type(),
+            plan.count_by_reason(),
+            waiting_for_redrive=plan.waiting_for_redrive_count,
+        )
+    return _send(deps, queue_url, plan, task_id, preferences)
 
 
 def _send(
@@ -161,25 +184,106 @@ def _send(
     queue_url: str,
     plan: RetryPlan,
     task_id: str,
-    messages: list[RetryMessage],
+    preferences: Preferences,
 ) -> RetryOutcome:
     """Send a committed task's messages, record what was sent, and say what was queued.
 
-    The send is made whatever is left of the deadline: the claims are
-    committed, and only a sent message makes them worth holding (left unsent,
-    they would hold their items back for a whole lease for nothing). A send
-    takes milliseconds, well within the reserve the deadline keeps to answer;
-    the deadline bounds the database, the SQS client's own timeouts the send.
+    The messages are built as they are sent, SEND_CONCURRENCY calls at once,
+    and the sent ones are recorded batch by batch (:class:`_SendRecorder`), so
+    a send cut short leaves exactly the sent items' claims holding while their
+    messages wait in the queue: an exception records them before it goes on,
+    and the deadline stops the send with time left to record them and to
+    release the claims of what was not sent (the next request or sweep plans
+    those again). The send goes on whatever the database does: the claims are
+    committed, and only a sent message makes them worth holding.
     """
-    sent = send_retry_messages(deps.sqs, queue_url, messages, sleep=deps.sleep)
-    released = _record_sends(deps, task_id, sent)
-    if sent.failed:
+    with _SendRecorder(deps.engine, task_id) as recorder:
+        try:
+            sent = send_retry_messages(
+                deps.sqs,
+                queue_url,
+                _outgoing(task_id, plan, preferences),
+                sleep=deps.sleep,
+                on_sent=recorder.sent,
+                time_left=deadlines.current().left,
+            )
+        except BaseException:
+            recorder.flush()  # a crash mid-send: the sent ones are recorded, exactly
+            raise
+        unsent = _unsent(plan, sent)
+        released = recorder.flush(unsent)
+    _log_send(plan, task_id, sent, unsent, recorder)
+    return _outcome(plan, task_id, sent, unsent, released)
+
+
+def _outgoing(task_id: str, plan: RetryPlan, preferences: Preferences) -> Iterator[OutgoingMessage]:
+    """The plan's messages, one per concept, built as the sender asks for them."""
+    task = UUID(task_id)
+    for concept in plan.concepts:
+        message = message_for_concept(task, plan, concept, preferences)
+        yield OutgoingMessage(concept.concept.concept_id, message.to_body().encode())
+
+
+def _unsent(plan: RetryPlan, sent: SendResult) -> dict[str, str]:
+    """The concepts known not to be in the queue, with why: refused, or never
+    started (the time ran out); their claims are released."""
+    unsent = dict(sent.failed)
+    if sent.not_started is not None:
+        settled = {*sent.sent, *sent.unconfirmed, *unsent}
+        for concept in plan.concepts:
+            if concept.concept.concept_id not in settled:
+                unsent[concept.concept.concept_id] = sent.not_started
+    return unsent
+
+
+def _outcome(
+    plan: RetryPlan, task_id: str, sent: SendResult, unsent: dict[str, str], released: int | None
+) -> RetryOutcome:
+    queued_concepts, unconfirmed_concepts = set(sent.sent), set(sent.unconfirmed)
+    types: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    unsent_items = unconfirmed_items = 0
+    for concept in plan.concepts:
+        concept_id = concept.concept.concept_id
+        if concept_id in queued_concepts:
+            types.update(item.content_type.value for item in concept.items)
+            reasons.update(item.reason.value for item in concept.items)
+        elif concept_id in unconfirmed_concepts:
+            unconfirmed_items += len(concept.items)
+        elif concept_id in unsent:
+            unsent_items += len(concept.items)
+    queued = types.total()
+    metrics.add_metric(name="ItemsPlanned", unit="Count", value=queued)
+    return RetryOutcome(
+        task_id=task_id,
+        retried_count=queued,
+        items={
+            content_type.value: types[content_type.value] for content_type in plan.content_types
+        },
+        reasons={reason.value: reasons[reason.value] for reason in Reason},
+        unsent_count=unsent_items if released is None else released,
+        messages_sent=len(sent.sent),
+        sends_unrecorded=released is None,
+        unconfirmed_count=unconfirmed_items,
+        waiting_for_redrive=plan.waiting_for_redrive_count,
+    )
+
+
+def _log_send(
+    plan: RetryPlan,
+    task_id: str,
+    sent: SendResult,
+    unsent: dict[str, str],
+    recorder: _SendRecorder,
+) -> None:
+    if unsent or sent.unconfirmed:
         logger.error(
             "retry_messages_unsent",
             extra={
                 "task_id": task_id,
-                "concept_ids": sorted(sent.failed),
-                "error": next(iter(sent.failed.values())),
+                "concept_ids": sorted(unsent)[:100],
+                "unconfirmed_concept_ids": sorted(sent.unconfirmed)[:100],
+                "error": next(iter(unsent.values()), sent.not_started),
             },
         )
     logger.info(
@@ -188,62 +292,105 @@ def _send(
             "task_id": task_id,
             "roadmap_id": plan.roadmap_id,
             "messages_sent": len(sent.sent),
-            "messages_unsent": len(sent.failed),
+            "messages_unsent": len(unsent),
+            "messages_unconfirmed": len(sent.unconfirmed),
             "sqs_calls": sent.api_calls,
+            "send_records": recorder.transactions,
         },
     )
-    queued_concepts = set(sent.sent)
-    queued = [
-        (concept, item) for concept, item in plan.items if concept.concept_id in queued_concepts
-    ]
-    unsent = sum(1 for concept, _ in plan.items if concept.concept_id in sent.failed)
-    metrics.add_metric(name="ItemsPlanned", unit="Count", value=len(queued))
-    return RetryOutcome(
-        task_id=task_id,
-        retried_count=len(queued),
-        items={
-            content_type.value: sum(1 for _, item in queued if item.content_type is content_type)
-            for content_type in plan.content_types
-        },
-        reasons={
-            reason.value: sum(1 for _, item in queued if item.reason is reason) for reason in Reason
-        },
-        unsent_count=unsent if released is None else released,
-        messages_sent=len(sent.sent),
-        sends_unrecorded=released is None,
-    )
 
 
-def _record_sends(deps: DetectDependencies, task_id: str, sent: SendResult) -> int | None:
-    """Record the send in one transaction: the sent items' claims now hold while
-    their messages wait in the queue, and the unsent ones are released.
+# Sent concepts are recorded in the ledger (ledger.mark_sent) a group at a
+# time, on the calling thread's connection while the next batches are in
+# flight: once RECORD_EVERY_CONCEPTS wait, or the oldest has waited
+# RECORD_EVERY_SECONDS. A crash or the deadline records the rest at once; only
+# a process killed outright leaves up to a group unrecorded (those claims hold
+# for the lease, then their items are planned again). A group's record waits
+# at most RECORD_AT_MOST_SECONDS for the database: one that hangs costs the
+# send that once, not the rest of the invocation's time.
+RECORD_EVERY_CONCEPTS = 1_000
+RECORD_EVERY_SECONDS = 0.5
+RECORD_AT_MOST_SECONDS = 2.0
 
-    Returns the number of items released, or None when the database failed or
-    ran out of time and nothing was recorded. The messages are in the queue by
-    then, so that failure is not the request's: it answers with what was
-    queued (the API's 202, or its 503 when nothing was), and the worker takes
-    those messages as any other (it needs no record of the send). Unrecorded,
-    every claim of the task holds for the lease only, as after a crash between
-    commit and send: the unsent items are planned again once it has passed.
+
+class _SendRecorder:
+    """Records a task's sends as their batches answer: from its record on, a
+    sent item's claim holds while its message waits in the queue.
+
+    The database's first failure ends the recording: the send goes on, and
+    what was not recorded holds for the claim lease only, as after a crash
+    between commit and send. The messages are in the queue by then, so that
+    failure is not the request's: it answers with what was queued (the API's
+    202, or its 503 when nothing was), and the worker takes those messages as
+    any other (it needs no record of the send).
     """
-    try:
-        with deps.engine.begin() as connection:
-            ledger.mark_sent(connection, task_id, sent.sent)
-            if not sent.failed:
-                return 0
-            first_error = next(iter(sent.failed.values()))
-            return ledger.release_unsent(connection, task_id, sent.failed, first_error)
-    except DATABASE_ERRORS as exc:
-        logger.error(
-            "retry_sends_unrecorded",
-            extra={
-                "task_id": task_id,
-                "messages_sent": len(sent.sent),
-                "messages_unsent": len(sent.failed),
-                "error": clip_error(repr(exc)),
-            },
+
+    def __init__(self, engine: Engine, task_id: str) -> None:
+        self._database = BatchConnection(engine)
+        self._task_id = task_id
+        self._waiting: list[str] = []
+        self._oldest = 0.0
+        self._failed = False
+        self.transactions = 0
+
+    def sent(self, concept_ids: list[str]) -> None:
+        """A batch was sent: recorded with those waiting, once a group is due."""
+        if not self._waiting:
+            self._oldest = time.monotonic()
+        self._waiting += concept_ids
+        due = len(self._waiting) >= RECORD_EVERY_CONCEPTS or (
+            time.monotonic() - self._oldest >= RECORD_EVERY_SECONDS
         )
-        return None
+        if due:
+            with deadlines.applied(_at_most(RECORD_AT_MOST_SECONDS)):
+                self.flush()
+
+    def flush(self, unsent: dict[str, str] | None = None) -> int | None:
+        """Record the sent concepts waiting, and release the claims of ``unsent``
+        (concept id -> why), in one transaction.
+
+        Returns the number of items released, or None when the database failed
+        or ran out of time, now or earlier, and this was not recorded.
+        """
+        if self._failed:
+            return None
+        if not self._waiting and not unsent:
+            return 0
+        try:
+            with self._database.transaction() as connection:
+                ledger.mark_sent(connection, self._task_id, self._waiting)
+                released = 0
+                if unsent:
+                    first_error = next(iter(unsent.values()))
+                    released = ledger.release_unsent(connection, self._task_id, unsent, first_error)
+        except DATABASE_ERRORS as exc:
+            self._failed = True
+            logger.error(
+                "retry_sends_unrecorded",
+                extra={
+                    "task_id": self._task_id,
+                    "messages_sent_unrecorded": len(self._waiting),
+                    "messages_unsent": len(unsent or {}),
+                    "error": clip_error(repr(exc)),
+                },
+            )
+            return None
+        self.transactions += 1
+        self._waiting = []
+        return released
+
+    def __enter__(self) -> _SendRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._database.close()
+
+
+def _at_most(seconds: float) -> deadlines.Deadline:
+    """The deadline in force, or ``seconds`` from now if that comes first."""
+    outer = deadlines.current()
+    ends = time.monotonic() + seconds
+    return deadlines.Deadline(lambda: min(outer.left(), ends - time.monotonic()), reserve_seconds=0)
 
 
 def _log_plan(plan: RetryPlan, task_id: str | None, trigger: str) -> None:

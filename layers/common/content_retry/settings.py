@@ -80,6 +80,11 @@ class Settings(BaseModel):
     claim_lease_minutes: Annotated[int, Field(ge=1)] = Field(
         default=60, alias="CLAIM_LEASE_MINUTES"
     )
+    # The dead-letter queue's MessageRetentionPeriod, in minutes: an item whose
+    # generated content waits there stays claimed that long (a test holds them equal).
+    dlq_retention_minutes: Annotated[int, Field(ge=1, le=20_160)] = Field(
+        default=20_160, alias="RETRY_DLQ_RETENTION_MINUTES"
+    )
     # The retry queue's MessageRetentionPeriod, in minutes (a test holds them equal).
     queue_retention_minutes: Annotated[int, Field(ge=1, le=20_160)] = Field(
         default=5_760, alias="RETRY_QUEUE_RETENTION_MINUTES"

@@ -23,6 +23,7 @@ from content_retry.generators import ConfigurationError, ThrottledError
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger, metrics
 from content_retry.queue import DeadLetterError, dead_letter
+from content_retry.redrive import carries_content
 from content_retry.settings import Settings
 from content_retry.statuses import ItemStatus
 
@@ -33,6 +34,9 @@ MAX_DELAY_SECONDS = 900
 @dataclass(frozen=True)
 class Acknowledge:
     """Done with: SQS deletes the record."""
+
+    # Its generated content now waits in the dead-letter queue for a re-drive.
+    content_in_dlq: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,13 @@ def unsaved_copy(
     return dead, notes
 
 
-def waits_for_quota(error: Exception) -> bool:
-    """The LLM quota, not the item, holds the record back."""
-    return isinstance(error, ThrottledError | PacedError)
+class HeldByAnotherDeliveryError(NotCalledError):
+    """Another live delivery is generating the item: this one comes back after it."""
+
+
+def waits_its_turn(error: Exception) -> bool:
+    """The LLM quota or another live delivery, not the item, holds the record back."""
+    return isinstance(error, ThrottledError | PacedError | HeldByAnotherDeliveryError)
 
 
 def last_delivery_reason(error: Exception) -> str:
@@ -124,7 +132,7 @@ class Settlement:
             extra={"reason": outcome.reason, "generated": outcome.generated},
         )
         metrics.add_metric(name="ItemsDeadLettered", unit="Count", value=outcome.items)
-        return Acknowledge()
+        return Acknowledge(content_in_dlq=carries_content(outcome.body))
 
     def delay(self, record: dict[str, Any], seconds: float) -> None:
         """Make a returned record visible again after ``seconds``, not the whole
@@ -165,7 +173,7 @@ class Settlement:
     ) -> tuple[RecordOutcome, Notes]:
         """A record going back to the queue, and the notes for its items; on its
         last delivery it is dead-lettered with its reason instead (or requeued
-        fresh, when only the quota held it back)."""
+        fresh, when only its turn held it back: the quota, another delivery)."""
         logger.warning("retry_record_returned", extra={"error": repr(outcome.error)})
         receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
         delay = outcome.delay_seconds
@@ -175,15 +183,16 @@ class Settlement:
             return outcome, notes
         body = record.get("body") or ""
         error = outcome.error
-        if waits_for_quota(error) and self.requeue(body, delay or THROTTLED_DELAY_SECONDS):
+        if waits_its_turn(error) and self.requeue(body, delay or THROTTLED_DELAY_SECONDS):
             return Acknowledge(), notes
         detail = f"{receives} deliveries, the last one: {error}"
         # What this delivery could not dead-letter (a copy carrying content) goes first.
         paid = getattr(error, "paid", None)
         for candidate in dict.fromkeys([getattr(error, "body", body), body]):
             dead = DeadLetter(candidate, last_delivery_reason(error), detail, paid=paid)
-            if isinstance(self.dead_letter(dead), Acknowledge):
+            sent = self.dead_letter(dead)
+            if isinstance(sent, Acknowledge):
                 kinds = [item.content_type for item in message.items] if message else []
                 note = (ItemStatus.DEAD_LETTERED, f"dead-lettered after {detail}")
-                return Acknowledge(), dict.fromkeys(kinds, note)
+                return sent, dict.fromkeys(kinds, note)
         return outcome, notes  # SQS moves it anyway; nothing better is left

@@ -21,6 +21,7 @@ from content_retry.database import DATABASE_ERRORS
 from content_retry.database.engine import trips_breaker
 from content_retry.observability import logger, metrics, traced
 from content_retry.plan import RoadmapNotFoundError
+from content_retry.redrive import redrive_content
 from content_retry.retries import DatabaseNotAnsweringError, DetectDependencies, start_retry
 from content_retry.settings import SettingsError
 from content_retry.statuses import ContentStatus, FrameworkStatus, ItemStatus
@@ -98,6 +99,8 @@ class SweepOutcome:
     backlog: int = 0
     # Items whose message outlived the queue's retention: failed with why, planned again.
     claims_expired: int = 0
+    # Dead-lettered copies carrying content moved back to the retry queue.
+    dead_letters_redriven: int = 0
     task_ids: list[str] = field(default_factory=list)
 
     def as_response(self) -> dict[str, int]:
@@ -175,10 +178,15 @@ def _report(outcome: SweepOutcome, error: BaseException | None = None) -> None:
     metrics.add_metric(name="SweepBacklog", unit="Count", value=outcome.backlog)
     if outcome.claims_expired:
         metrics.add_metric(name="ClaimsExpired", unit="Count", value=outcome.claims_expired)
+    if outcome.dead_letters_redriven:
+        metrics.add_metric(
+            name="DeadLettersRedriven", unit="Count", value=outcome.dead_letters_redriven
+        )
     details = {
         **outcome.as_response(),
         "backlog": outcome.backlog,
         "claims_expired": outcome.claims_expired,
+        "dead_letters_redriven": outcome.dead_letters_redriven,
     }
     if error is None:
         logger.info("retry_sweep_finished", extra=details)
@@ -201,6 +209,8 @@ def _sweep(deps: DetectDependencies, clock: _SampledClock, outcome: SweepOutcome
                 "limit": settings.sweep_max_roadmaps,
             },
         ).all()
+    # The database answers: content waiting in the dead-letter queue can be saved now.
+    outcome.dead_letters_redriven = _redrive_content(deps)
     candidates = [row.roadmap_id for row in rows]
     # Until the sweep stops, every candidate not yet judged is left for the next run.
     outcome.backlog = rows[0].candidates if rows else 0
@@ -212,6 +222,23 @@ def _sweep(deps: DetectDependencies, clock: _SampledClock, outcome: SweepOutcome
         _plan_one(deps, roadmap_id, outcome)
         outcome.roadmaps_scanned += 1
         outcome.backlog -= 1
+
+
+def _redrive_content(deps: DetectDependencies) -> int:
+    """Move the dead-letter queue's copies with content back (never fails the sweep)."""
+    settings = deps.settings
+    if not (settings.retry_dlq_url and settings.retry_queue_url):
+        return 0
+    try:
+        return redrive_content(
+            deps.sqs,
+            settings.retry_dlq_url,
+            settings.retry_queue_url,
+            deadline=deadlines.current(),
+        )
+    except Exception:  # the queues' trouble: the copies wait for the next sweep
+        logger.exception("retry_dead_letters_not_redriven")
+        return 0
 
 
 def _plan_one(deps: DetectDependencies, roadmap_id: str, outcome: SweepOutcome) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from uuid import UUID
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import Connection, Engine, text
 
+from content_retry.claims import waiting_for_redrive
 from content_retry.content_types import ContentType
 from content_retry.plan.models import Reason
 from content_retry.statuses import CLAIMING_STATUSES, ItemStatus, TaskStatus
@@ -25,6 +26,11 @@ class TaskCounts(BaseModel):
     succeeded: int
     failed: int
     dead_lettered: int
+    waiting_for_redrive: int = Field(
+        0,
+        description="Of the dead-lettered items, those whose generated content waits in the "
+        "dead-letter queue: still claimed, saved by the next re-drive without the LLM",
+    )
 
 
 class TaskUsage(BaseModel):
@@ -46,6 +52,10 @@ class TaskItem(BaseModel):
     status: ItemStatus
     attempts: int
     last_error: str | None
+    waiting_for_redrive: bool = Field(
+        False,
+        description="Dead-lettered with its generated content, which the next re-drive saves",
+    )
 
 
 class TaskView(BaseModel):
@@ -65,10 +75,13 @@ class TaskView(BaseModel):
             ItemStatus.QUEUED.value if item.status in CLAIMING_STATUSES else item.status.value
             for item in items
         )
+        counts["waiting_for_redrive"] = sum(item.waiting_for_redrive for item in items)
+        # An item whose content waits for its re-drive is still on its way.
+        statuses = {ItemStatus.RUNNING if i.waiting_for_redrive else i.status for i in items}
         return cls(
             task_id=task_id,
             roadmap_id=roadmap_id,
-            status=_task_status({item.status for item in items}),
+            status=_task_status(statuses),
             counts=TaskCounts(**{name: counts[name] for name in TaskCounts.model_fields}),
             items=items,
             usage=usage,
@@ -88,8 +101,9 @@ def _task_status(statuses: set[ItemStatus]) -> TaskStatus:
 
 
 _READ_TASK = text(
-    "SELECT t.task_id, t.roadmap_id, t.user_id, i.concept_id, i.content_type, i.reason, "
+    "SELECT t.task_id, t.roadmap_id, t.user_id, i.concept_id, i.content_type, i.reason, "  # noqa: S608 - a constant predicate; values are bound  # nosec B608
     "i.status, i.attempts, i.last_error, "
+    f"coalesce({waiting_for_redrive('i')}, false) AS waiting, "
     "sum(i.llm_calls) OVER () AS llm_calls, sum(i.input_tokens) OVER () AS input_tokens, "
     "sum(i.output_tokens) OVER () AS output_tokens "
     "FROM retry_tasks AS t LEFT JOIN retry_items AS i ON i.task_id = t.task_id "
@@ -118,6 +132,7 @@ def read_task(connection: Connection, task_id: str) -> tuple[TaskView, str] | No
             status=ItemStatus(row.status),
             attempts=row.attempts,
             last_error=row.last_error,
+            waiting_for_redrive=row.waiting,
         )
         for row in rows
         if row.concept_id is not None

@@ -41,6 +41,7 @@ from content_retry.settings import Settings
 from content_retry.settlement import (
     Acknowledge,
     DeadLetter,
+    HeldByAnotherDeliveryError,
     Notes,
     RecordOutcome,
     ReturnLater,
@@ -96,7 +97,11 @@ class RetryBatch:
         for record in event.get("Records") or []:
             self.records.setdefault(record.get("messageId", ""), record)
         with deadlines.applied(self.deadline), self.database:
-            self.deliveries = prepare_deliveries(self.database, list(self.records.values()))
+            self.deliveries = prepare_deliveries(
+                self.database,
+                list(self.records.values()),
+                delivery_seconds=min(self.deadline.left() + GENERATE_RESERVE_SECONDS, 900),
+            )
             requests = [self._route(message_id) for message_id in self.records]
             self._generate([request for request in requests if request is not None])
         record_llm_costs(self.costs)
@@ -119,6 +124,7 @@ class RetryBatch:
         delivery = self.deliveries.by_message_id[message_id]
         message = delivery.message
         body = self.records[message_id].get("body") or ""
+        notes: Notes = {}
         if delivery.invalid_reason is not None:
             outcome: RecordOutcome = DeadLetter(body, "invalid_message", delivery.invalid_reason)
         elif delivery.duplicate:
@@ -132,6 +138,10 @@ class RetryBatch:
             outcome = DeadLetter(
                 message.to_body(), "not_planned", detail, items=len(delivery.not_planned)
             )
+        elif delivery.busy_seconds is not None:
+            held = HeldByAnotherDeliveryError("another live delivery is generating it")
+            outcome = ReturnLater(held, delivery.busy_seconds + 1)
+            notes = dict.fromkeys(delivery.open_items, (ItemStatus.RUNNING, str(held)))
         else:
             for content_type in delivery.ended_items:
                 logger.info("retry_item_skipped", extra={"content_type": content_type.value})
@@ -139,7 +149,7 @@ class RetryBatch:
             if request is not None:
                 return request
             outcome = Acknowledge()
-        self._settle(message_id, outcome, {}, {})
+        self._settle(message_id, outcome, notes, {})
         return None
 
     def _generate(self, requests: list[MessageRequest]) -> None:
@@ -226,7 +236,9 @@ class RetryBatch:
                 outcome, notes = self.settlement.return_record(record, outcome, message, notes)
             self.outcomes[message_id] = outcome
             if message is not None and (notes or costs):
-                note_outcomes(self.database, item_keys(message), notes, costs)
+                kept = isinstance(outcome, Acknowledge) and outcome.content_in_dlq
+                retention = self.deps.settings.dlq_retention_minutes if kept else None
+                note_outcomes(self.database, message, notes, costs, content_kept_minutes=retention)
 
 
 def handle_retry_batch(

@@ -15,7 +15,7 @@ from functools import cache
 
 from sqlalchemy import Connection, TextClause, text
 
-from content_retry.claims import live_claim
+from content_retry.claims import live_claim, waiting_for_redrive
 from content_retry.concepts import Concept
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
 from content_retry.observability import logger, traced
@@ -114,16 +114,17 @@ WITH concepts AS (
 wanted(content_type, status_key, position) AS (VALUES {wanted}),
 latest AS ({latest}),
 claims AS (
-  SELECT DISTINCT i.concept_id, i.content_type
+  SELECT i.concept_id, i.content_type, bool_or({waiting_for_redrive("i")}) AS waiting
   FROM retry_items AS i
   WHERE i.roadmap_id = :roadmap_id AND {live_claim("i")}
+  GROUP BY i.concept_id, i.content_type
 )
 SELECT w.content_type, c.concept_id,
        c.concept ->> 'name' AS name, c.concept ->> 'description' AS description,
        c.stage_name, c.module_name,
        c.concept ->> w.status_key AS framework_status,
        l.latest_status,
-       cl.concept_id IS NOT NULL AS claimed
+       cl.concept_id IS NOT NULL AS claimed, coalesce(cl.waiting, false) AS waiting
 FROM concepts AS c
 CROSS JOIN wanted AS w
 LEFT JOIN latest AS l ON l.content_type = w.content_type AND l.concept_id = c.concept_id
@@ -215,6 +216,7 @@ def _plan(
         content_types=types,
         concepts=list(judged.concepts.values()),
         claimed_count=judged.claimed,
+        waiting_for_redrive_count=judged.waiting,
         repaired_count=sum(len(keys) for keys in judged.repairs.values()),
     )
 
@@ -230,6 +232,7 @@ class _Judged:
     # {concept_id: {status_key: status}}: framework statuses to repair.
     repairs: dict[str, dict[str, str]] = field(default_factory=dict)
     claimed: int = 0
+    waiting: int = 0
     # Concepts whose ids no retry message can carry (empty, or too long).
     unplannable: set[str] = field(default_factory=set)
     _seen: set[tuple[str, str]] = field(default_factory=set)
@@ -245,6 +248,7 @@ class _Judged:
         framework_status: str | None,
         latest_status: str | None,
         is_claimed: bool,
+        is_waiting: bool = False,
     ) -> None:
         """Judge one item's state row (the state query's columns, in order)."""
         if (concept_id, content_type_name) in self._seen:  # listed twice in framework_data
@@ -257,6 +261,7 @@ class _Judged:
             self.repairs.setdefault(concept_id, {})[status_key] = FrameworkStatus.COMPLETED
         if judgement.decision is Decision.CLAIMED:
             self.claimed += 1
+            self.waiting += is_waiting
         elif judgement.decision is Decision.RETRY and judgement.reason is not None:
             concept = self.concepts.get(concept_id)
             if concept is None:

@@ -1,0 +1,65 @@
+"""The automatic re-drive: paid content back from the dead-letter queue (DESIGN §12).
+
+A copy dead-lettered with its generated content keeps its items claimed, so
+nothing plans them again; it only needs the database to answer for its save.
+The schedule's sweep, having just used the database, moves such copies back
+to the retry queue, where the worker saves them without calling the LLM.
+
+Only copies carrying content move: SQS's ``StartMessageMoveTask`` (what the
+operator's ``content-retry redrive`` uses) moves every message, and a
+message dead-lettered for itself (not a valid message, never planned) would
+come straight back, every sweep, for ever. So the move is receive, send,
+delete, one message at a time: sent before it is deleted (a crash between
+duplicates a copy, which the ledger deduplicates; none is lost).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from content_retry.deadlines import Deadline
+from content_retry.messages import RetryMessage
+from content_retry.observability import logger
+
+# A receive makes the messages it leaves (those without content) invisible
+# this long: the next sweep, or an operator, sees them again.
+LEFT_INVISIBLE_SECONDS = 60
+# Seconds a move needs at most (a receive, a send, a delete, at their worst).
+MOVE_SECONDS = 15
+
+
+def carries_content(body: str) -> bool:
+    """Whether a message body carries generated content (a copy a re-drive saves)."""
+    try:
+        return RetryMessage.model_validate_json(body).generated is not None
+    except ValueError:
+        return False
+
+
+def redrive_content(
+    sqs: Any, dlq_url: str, queue_url: str, *, deadline: Deadline, at_most: int = 1_000
+) -> int:
+    """Move the dead-letter queue's copies that carry generated content back to
+    the retry queue, keeping body and attributes; returns how many moved."""
+    moved = 0
+    while moved < at_most and deadline.left() > MOVE_SECONDS:
+        messages = sqs.receive_message(
+            QueueUrl=dlq_url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=LEFT_INVISIBLE_SECONDS,
+            MessageAttributeNames=["All"],
+        ).get("Messages", [])
+        carrying = [message for message in messages if carries_content(message["Body"])]
+        if not carrying:
+            break
+        for message in carrying:
+            sqs.send_message(
+                QueueUrl=queue_url,
+                MessageBody=message["Body"],
+                MessageAttributes=message.get("MessageAttributes", {}),
+            )
+            sqs.delete_message(QueueUrl=dlq_url, ReceiptHandle=message["ReceiptHandle"])
+            moved += 1
+    if moved:
+        logger.info("retry_dead_letters_redriven", extra={"moved": moved})
+    return moved
