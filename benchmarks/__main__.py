@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "B7": "benchmarks.b7_shipped_imports",
     "B8": "benchmarks.b8_parallel_generation",
     "B9": "benchmarks.b9_quota",
+    "B10": "benchmarks.b10_detect_scale",
 }
 
 

@@ -1,9 +1,11 @@
 """The ``content-retry`` command line (DESIGN §10).
 
-Local commands run the deployed handlers unchanged; with no ``DATABASE_URL``
-they start an embedded PostgreSQL, and with no ``AWS_ENDPOINT_URL`` (and no
-``RETRY_QUEUE_URL``) they start moto's server, creating the queues as
-template.yaml defines them.
+Local commands run the deployed handlers unchanged; with no database variable
+they start an embedded PostgreSQL, and with no queue variable they start
+moto's server, creating the queues as template.yaml defines them. A failure a
+person can cause is answered in one line (``errors.py``); ``--debug`` adds the
+traceback. SIGTERM and SIGHUP stop a command as Ctrl-C does, so what it
+started (the embedded PostgreSQL, a server) is stopped cleanly.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 
 def _quiet_handlers(verbose: bool, level: str = "WARNING") -> None:
@@ -33,11 +39,17 @@ def _quiet_handlers(verbose: bool, level: str = "WARNING") -> None:
 
 
 def _describe(environment: object) -> None:
-    print(f"environment: {environment}", file=sys.stderr)
+    print(f"using {environment}", file=sys.stderr)
+
+
+def _program() -> str:
+    """The command as the person ran it (``.venv/bin/content-retry``), for hints."""
+    ran = Path(sys.argv[0]).name if sys.argv else ""
+    return sys.argv[0] if ran == "content-retry" else "content-retry"
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from content_retry_local.demo import run_demo
+    from content_retry_local.demo import LookInside, run_demo
     from content_retry_local.environment import LOCAL_STATE_DIR, given_targets, local_environment
 
     given = given_targets()
@@ -68,12 +80,17 @@ def _demo(args: argparse.Namespace) -> int:
     # A database of its own: its sweep plans every roadmap it finds, and the
     # other local commands' database may hold roadmaps someone put there.
     with local_environment(
-        aws="thread", state_dir=LOCAL_STATE_DIR / "demo", llm_latency=latency
+        aws="thread",
+        state_dir=LOCAL_STATE_DIR / "demo",
+        llm_latency=latency,
+        keep_database=args.keep,
     ) as environment:
         print(
-            f"   database: {environment.database}, AWS: {environment.aws}, LLM: {environment.llm}\n"
+            f"   database: {environment.database} ({environment.data_dir}), "
+            f"AWS: {environment.aws}, LLM: {environment.llm}\n"
         )
-        return run_demo(environment, llm_quota=args.llm_quota)
+        look_inside = LookInside(command=_program(), kept=args.keep)
+        return run_demo(environment, llm_quota=args.llm_quota, look_inside=look_inside)
 
 
 # The local Bedrock's seconds a call when --llm-quota is given without --llm-latency.
@@ -217,7 +234,15 @@ def _serve(args: argparse.Namespace) -> int:
     _quiet_handlers(args.verbose)
     with local_environment() as environment:
         _describe(environment)
-        server = make_server(args.port, dev_identity=args.dev_identity)
+        try:
+            server = make_server(args.port, dev_identity=args.dev_identity)
+        except OSError as exc:
+            print(
+                f"error: cannot listen on 127.0.0.1:{args.port} ({exc.strerror}): "
+                "give another port with --port",
+                file=sys.stderr,
+            )
+            return 1
         host, port = server.server_address[:2]
         print(
             f"serving the retry API on http://{host!s}:{port}  (Swagger UI: /docs, /openapi.json)"
@@ -249,17 +274,91 @@ def _status(args: argparse.Namespace) -> int:
     from content_retry_local.environment import local_environment
 
     try:
-        with local_environment(aws="none"), get_engine().connect() as connection:
-            found = read_task(connection, args.task_id)
+        uuid.UUID(args.task_id)
     except ValueError:
-        print(f"error: {args.task_id!r} is not a task id (a UUID)", file=sys.stderr)
+        print(
+            f"error: {args.task_id!r} is not a task id (a UUID, as a 202 answers)", file=sys.stderr
+        )
         return 2
+    with local_environment(aws="none"), get_engine().connect() as connection:
+        found = read_task(connection, args.task_id)
     if found is None:
         print(f"error: no task {args.task_id}", file=sys.stderr)
         return 1
     # The same view GET /retry-tasks/{task_id} answers with.
     print(found[0].model_dump_json(indent=2))
     return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from content_retry.database import get_engine
+    from content_retry_local.environment import (
+        DATABASE_VARIABLES,
+        given_targets_of,
+        local_environment,
+    )
+    from content_retry_local.samples import SEED, THEIRS, describe, seed_samples
+
+    given = given_targets_of(DATABASE_VARIABLES)
+    if given:
+        # Sample roadmaps are for the local database: on a real one they would
+        # be rows the platform never wrote (and the seed's id may be a real one).
+        print(
+            f"error: content-retry seed writes sample roadmaps to the embedded PostgreSQL only; "
+            f"unset {', '.join(given)} to seed it",
+            file=sys.stderr,
+        )
+        return 2
+    with local_environment(aws="none") as environment, get_engine().begin() as connection:
+        seeded = seed_samples(connection)
+    program = _program()
+    print(f"seeded {len(seeded)} roadmaps in {environment.data_dir} (again: they start over)")
+    print("\n".join(describe(seeded)))
+    print(
+        f"\ntry them: {program} serve --dev-identity, then (the caller is the X-Dev-User header)\n"
+        f"  curl -s -X POST -H 'X-Dev-User: {SEED.user_id}' -H 'Content-Type: application/json' "
+        f'-d \'{{"content_types": ["tutorial"]}}\' '
+        f"http://127.0.0.1:8080/roadmaps/{SEED.roadmap_id}/retry\n"
+        f"  curl -s -H 'X-Dev-User: {SEED.user_id}' http://127.0.0.1:8080/retry-tasks/TASK_ID\n"
+        f"  {program} drain    (the generate function; then the task view again)\n"
+        f"or without a server: {program} invoke detect --event events/api-retry.json\n"
+        f"({THEIRS.user_id} owns {THEIRS.roadmap_id}; README: Your first hour)"
+    )
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from content_retry.database import get_engine
+    from content_retry.settings import get_settings
+    from content_retry_local.environment import (
+        DATABASE_VARIABLES,
+        LOCAL_STATE_DIR,
+        given_targets_of,
+        local_environment,
+    )
+    from content_retry_local.sql import open_psql, run_statement
+
+    given = given_targets_of(DATABASE_VARIABLES)
+    if args.demo and given:
+        print(
+            f"error: --demo is the demo's own embedded PostgreSQL; unset {', '.join(given)} "
+            "(or leave out --demo to use that database)",
+            file=sys.stderr,
+        )
+        return 2
+    state_dir = LOCAL_STATE_DIR / "demo" if args.demo else LOCAL_STATE_DIR
+    with local_environment(aws="none", state_dir=state_dir) as environment:
+        _describe(environment)
+        if args.statement:
+            print("\n".join(run_statement(get_engine(), args.statement)))
+            return 0
+        database_url = get_settings().database_url
+        if database_url is None:  # DB_AUTH: a token or a secret per connection
+            print(
+                "error: psql needs DATABASE_URL; give a statement to run instead", file=sys.stderr
+            )
+            return 2
+        return open_psql(database_url)
 
 
 def _openapi(args: argparse.Namespace) -> int:
@@ -294,9 +393,15 @@ def _smoke(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     from content_retry_local.aws import stop_background_moto
     from content_retry_local.environment import LOCAL_STATE_DIR
+    from content_retry_local.postgres import stop_embedded_postgres
 
     stopped = stop_background_moto(LOCAL_STATE_DIR)
     print("stopped the background moto server" if stopped else "no background moto server running")
+    # An embedded PostgreSQL left running (demo --keep, or a command killed
+    # before it could stop it), unless a running command still uses it.
+    for data_dir in (LOCAL_STATE_DIR / "pgdata", LOCAL_STATE_DIR / "demo" / "pgdata"):
+        if data_dir.exists():
+            print(stop_embedded_postgres(data_dir))
     return 0
 
 
@@ -315,17 +420,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="content-retry",
         description="Find learning content a roadmap platform failed to generate or save, "
         "and regenerate it. Local commands start an embedded PostgreSQL and moto's server "
-        "when DATABASE_URL and AWS_ENDPOINT_URL are not set.",
+        "when no database (DATABASE_URL, DB_*) and no queues (RETRY_QUEUE_URL, RETRY_DLQ_URL, "
+        "AWS_ENDPOINT_URL) are given; given in part, they are refused.",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # --debug after the command too; SUPPRESS keeps the subcommand from
+    # resetting one given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_: str, run: object) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_, description=help_)
+        sub = commands.add_parser(name, help=help_, description=help_, parents=[debug])
         sub.set_defaults(run=run)
         return sub
 
     demo = command("demo", "the seed's failure and its repair, end to end", _demo)
     demo.add_argument("--verbose", action="store_true", help="show the handlers' logs and metrics")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the demo's database running afterwards and print its psql URL "
+        "(content-retry stop stops it)",
+    )
     demo.add_argument(
         "--llm-latency",
         type=_seconds,
@@ -353,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name in ("upgrade", "init"):
         db_command = db_commands.add_parser(
-            name, help=upgrade_help if name == "upgrade" else "the same as db upgrade"
+            name,
+            help=upgrade_help if name == "upgrade" else "the same as db upgrade",
+            parents=[debug],
         )
         db_command.set_defaults(run=_db_upgrade)
 
@@ -385,6 +504,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "a retry task's status and items", _status)
     status.add_argument("task_id")
 
+    command(
+        "seed",
+        "put sample roadmaps in the local database to try the API on: the seed's and a few "
+        "more (run again, they start over); prints their ids and owners",
+        _seed,
+    )
+
+    sql = command(
+        "sql",
+        "run a SQL statement on the local database (or the given one) and print its rows; "
+        "with none, open psql on it",
+        _sql,
+    )
+    sql.add_argument("statement", nargs="?", help='e.g. "SELECT * FROM retry_tasks"')
+    sql.add_argument("--demo", action="store_true", help="the demo's database (.local/demo)")
+
     openapi = command("openapi", "print the HTTP API's OpenAPI document (from the code)", _openapi)
     openapi.add_argument("--output", "-o", help="write it to this file (docs/openapi.json)")
 
@@ -398,33 +533,69 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--stack", required=True, help="the CloudFormation stack's name")
     smoke.add_argument("--region", help="its Region (default: AWS_REGION, your profile's)")
 
-    command("stop", "stop the background moto server the local commands share", _stop)
+    command(
+        "stop",
+        "stop the background moto server the local commands share, and an embedded "
+        "PostgreSQL left running (demo --keep) that no command uses",
+        _stop,
+    )
     return parser
+
+
+_DEBUG_HELP = "on a failure, show the traceback as well as the one-line answer"
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: the command stops as on Ctrl-C, cleaning up after itself."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+def _quiet_warnings() -> None:
+    """Silence the Powertools warning the local runtime raises for nothing.
+
+    The handlers' ``@metrics.log_metrics`` warns when an invocation published
+    no metric (a 404, a task view): normal here, where metrics are not even
+    published (``POWERTOOLS_METRICS_DISABLED``). Only this process's
+    filter changes: the deployed handlers keep the warning.
+    """
+    warnings.filterwarnings(
+        "ignore", message=r"No application metrics to publish", category=UserWarning
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
-    from botocore.exceptions import NoCredentialsError
-
-    from content_retry.settings import SettingsError
-    from content_retry_local.environment import MixedTargetsError
-    from content_retry_local.project import ProjectNotFoundError
+    from content_retry_local.errors import explain
 
     args = build_parser().parse_args(argv)
+    _quiet_warnings()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on_signal)
     try:
         return int(args.run(args))
-    except (SettingsError, ProjectNotFoundError, MixedTargetsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NoCredentialsError:
-        print(
-            "error: no AWS credentials found for the given AWS targets (set AWS_PROFILE, or "
-            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
-            file=sys.stderr,
-        )
-        return 2
+    except Stopped as stop:
+        return 128 + stop.signum
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): nothing more to say, to anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        answer = explain(exc)
+        print(f"error: {answer.message}", file=sys.stderr)
+        return answer.status
 
 
 if __name__ == "__main__":

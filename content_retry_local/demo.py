@@ -48,12 +48,15 @@ from content_retry_local.sessions import EngineSessions
 
 CONTENT_TABLES = ("tutorials", "resource_recommendations", "quizzes")
 
-# The query a user would run to see the repair (printed, not executed).
+# The query a user would run to see the repair (printed, not executed), with
+# `content-retry sql --demo` (the demo's database) or psql.
 CHECK_SQL = (
     "SELECT content_status, count(*) FROM tutorials "
     "WHERE roadmap_id = 'agent-performance-optimization-x5y9z2q8' AND is_latest "
-    "GROUP BY content_status;"
+    "GROUP BY content_status"
 )
+# The step 4 story, as the README tells it ("What the demo shows", 4).
+CUT_STORY = "the 8th save loses its database connection"
 
 # A drain pass ends at the first empty receive; records the worker returned with
 # a delay (a throttled LLM) are then in flight, so the demo polls for them this
@@ -245,8 +248,47 @@ def _format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "none"
 
 
+@dataclass(frozen=True)
+class LookInside:
+    """How the summary tells a person to look at the demo's database."""
+
+    command: str = "content-retry"  # as the person ran it (.venv/bin/content-retry)
+    kept: bool = False  # --keep: the database is left running for psql
+
+    def lines(self, environment: LocalEnvironment) -> list[str]:
+        lines = [
+            f"   check it yourself (the demo's database, kept in {environment.data_dir}):",
+            f'     {self.command} sql --demo "{CHECK_SQL}"',
+        ]
+        if self.kept and environment.data_dir is not None:
+            from content_retry_local.postgres import running_server
+
+            server = running_server(environment.data_dir)
+            if server is not None:
+                lines += [
+                    f"     or, while it runs (--keep): psql '{server.psql_url}'",
+                    f"     ({self.command} sql --demo opens one; {self.command} stop stops it)",
+                ]
+        return lines
+
+
+def _usage_note(generator_name: str) -> str:
+    """What the task's token counts mean for the generator that ran."""
+    if generator_name == "template":
+        return (
+            "\n     (0 tokens: the template generator writes the content itself and calls no "
+            "model,\n      so it has calls to count but no tokens; with --llm-latency the demo "
+            "calls\n      Bedrock's Converse API, whose usage is counted here)"
+        )
+    return " (as the Converse API reported them)"
+
+
 def run_demo(
-    environment: LocalEnvironment, out: TextIO = sys.stdout, *, llm_quota: Quota | None = None
+    environment: LocalEnvironment,
+    out: TextIO = sys.stdout,
+    *,
+    llm_quota: Quota | None = None,
+    look_inside: LookInside | None = None,
 ) -> int:
     """Run the demo in its own local environment; returns the exit status.
 
@@ -254,6 +296,7 @@ def run_demo(
         llm_quota: tokens, and requests or None, a minute: the local Bedrock
             (started by the environment, ``llm_latency``) enforces this quota
             per model as Bedrock does, and the worker is told it.
+        look_inside: how the summary says to query the demo's database.
 
     Raises:
         ValueError: the database or the queues are not ones this process
@@ -262,12 +305,13 @@ def run_demo(
     """
     if not environment.all_its_own:
         raise ValueError(f"the demo runs only on what it started itself, not on {environment}")
+    look_inside = look_inside or LookInside()
     if llm_quota is None:
-        return _run_demo(environment, out, None, None)
+        return _run_demo(environment, out, None, None, look_inside)
     bedrock = _local_bedrock()
     bedrock.set_quota(*llm_quota)
     with _worker_told_quota(llm_quota):
-        return _run_demo(environment, out, bedrock, llm_quota)
+        return _run_demo(environment, out, bedrock, llm_quota, look_inside)
 
 
 def _run_demo(
@@ -275,6 +319,7 @@ def _run_demo(
     out: TextIO,
     bedrock: LocalBedrock | None,
     llm_quota: Quota | None,
+    look_inside: LookInside,
 ) -> int:
     from content_retry.aws import client
     from content_retry.database import get_engine
@@ -377,7 +422,7 @@ def _run_demo(
     generator = DemoGenerator(worker_sessions.terminate, fail_on_call=8, inner=configured.generator)
     worker = replace(configured, generator=generator)
     try:
-        say("4. The generate function drains the queue (the 8th save loses its connection)")
+        say(f"4. The generate function drains the queue ({CUT_STORY})")
         demo.drain_all("generate", queued, worker)
         dead = demo.sqs.receive_message(
             QueueUrl=demo.dlq_url,
@@ -394,6 +439,11 @@ def _run_demo(
                 kept.generated.tutorial.title if kept.generated and kept.generated.tutorial else "-"
             )
             say(f'   - {kept.concept.concept_id} ({reason}), generated content kept: "{title}"')
+        say(
+            "   (the message whose save lost the connection, with the content it paid for; the "
+            "invocation\n   then touched the database no more: any other message of its batch "
+            "already generated\n   went there with its content too)"
+        )
         # The invocation whose save lost its connection touches the database no
         # more (DESIGN §12): its other messages already generated are
         # dead-lettered with their content too, as many as finished after the cut.
@@ -470,9 +520,10 @@ def _run_demo(
         say(
             f"   the task's LLM usage: {task.usage.llm_calls} calls, "
             f"{task.usage.input_tokens} input and {task.usage.output_tokens} output tokens"
+            + _usage_note(generator.name)
         )
-    say("   check it yourself:")
-    say(f"     {CHECK_SQL}")
+    for line in look_inside.lines(environment):
+        say(line)
     say(f"   the steps above took {time.monotonic() - started:.1f} s (start-up not included)")
     if demo.problems:
         say(f"end state: WRONG ({len(demo.problems)} problem(s))")

@@ -1,12 +1,15 @@
 """Supplies the environment the handlers expect, when it is not given.
 
-- No ``DATABASE_URL`` (and no ``DB_AUTH``): an embedded PostgreSQL, data under
-  ``.local/pgdata``, reused between runs; its schema is upgraded on every start.
-- No ``AWS_ENDPOINT_URL`` and no ``RETRY_QUEUE_URL``: moto's server on
-  127.0.0.1, with the queues created as template.yaml defines them.
+- No database variable (``DATABASE_URL``, ``DB_*``): an embedded PostgreSQL,
+  data under ``.local/pgdata``, reused between runs; its schema is upgraded on
+  every start.
+- No queue variable (``AWS_ENDPOINT_URL``, ``RETRY_QUEUE_URL``,
+  ``RETRY_DLQ_URL``): moto's server on 127.0.0.1, with the queues created as
+  template.yaml defines them.
 
-Given a real ``DATABASE_URL`` and real AWS (queue URLs and credentials), the
-same commands use those instead. Handlers then run unchanged: they read the
+Given a real database and real AWS (queue URLs and credentials), the same
+commands use those instead; a database or queues given in part are refused,
+never completed with local ones. Handlers then run unchanged: they read the
 same variables as in Lambda.
 """
 
@@ -30,7 +33,9 @@ LOCAL_MODEL_ID = "local.content-retry-demo-v1"
 class LocalEnvironment:
     database: str  # "embedded", "given" or "none"
     aws: str  # "moto (this process)", "moto (background)", "given" or "none"
-    llm: str = "as configured"  # or the local Bedrock this process started
+    llm: str = ""  # the content generator that runs: see describe_generator
+    # The embedded PostgreSQL's data folder (None: a given database, or none).
+    data_dir: Path | None = None
 
     @property
     def all_its_own(self) -> bool:
@@ -38,23 +43,156 @@ class LocalEnvironment:
         created (the embedded PostgreSQL, moto in this process)."""
         return self.database == "embedded" and self.aws == "moto (this process)"
 
+    def __str__(self) -> str:
+        database = {
+            "embedded": f"embedded PostgreSQL ({self.data_dir})",
+            "given": "the given one (DATABASE_URL or DB_*)",
+        }.get(self.database, self.database)
+        aws = "the given endpoint and queues" if self.aws == "given" else self.aws
+        described = f"database: {database}; AWS: {aws}"
+        # The generator matters only to a command that may run the generate handler.
+        return described if "none" in (self.database, self.aws) else f"{described}; LLM: {self.llm}"
+
+
+def describe_generator() -> str:
+    """The content generator the generate function will use, named."""
+    settings = get_settings()
+    if settings.content_generator == "template":
+        return (
+            "template generator (CONTENT_GENERATOR=template: offline, "
+            "no model is called, no tokens are counted)"
+        )
+    model = settings.bedrock_model_id or "(BEDROCK_MODEL_ID not set)"
+    endpoint = settings.aws_endpoint_url_bedrock_runtime
+    return f"Bedrock {model} " + (f"at {endpoint}" if endpoint else f"in {settings.aws_region}")
+
+
+# The variables that name a database, and those that name the queues (with the
+# endpoint that serves them): each group is given whole or not at all.
+DATABASE_VARIABLES = (
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_NAME",
+    "DB_USER",
+    "DB_AUTH",
+    "DB_SECRET_ARN",
+)
+QUEUE_VARIABLES = ("AWS_ENDPOINT_URL", "RETRY_QUEUE_URL", "RETRY_DLQ_URL")
+_EMBEDDED = "unset them all to use the embedded PostgreSQL"
+_MOTO = "unset them all to use a local moto server"
+
+
+def given_variables() -> set[str]:
+    """The database and queue variables set (to something other than empty)."""
+    settings = get_settings()
+    fields = type(settings).model_fields
+    return {
+        fields[name].alias or name.upper()
+        for name in settings.model_fields_set
+        if (fields[name].alias or "") in (*DATABASE_VARIABLES, *QUEUE_VARIABLES)
+    }
+
 
 def given_targets() -> list[str]:
     """The variables that point the local commands at a database or AWS they did
     not start (empty when the embedded PostgreSQL and moto would be used)."""
-    settings = get_settings()
-    given = {
-        "DATABASE_URL": settings.database_url,
-        "DB_AUTH": settings.db_auth,
-        "AWS_ENDPOINT_URL": settings.aws_endpoint_url,
-        "RETRY_QUEUE_URL": settings.retry_queue_url,
-        "RETRY_DLQ_URL": settings.retry_dlq_url,
-    }
-    return [name for name, value in given.items() if value]
+    given = given_variables()
+    return [name for name in (*DATABASE_VARIABLES, *QUEUE_VARIABLES) if name in given]
 
 
-class MixedTargetsError(ValueError):
+class TargetsError(ValueError):
+    """The variables do not name one whole database and its queues, or none."""
+
+
+class MixedTargetsError(TargetsError):
     """A database and queues from two different worlds: one given, one local."""
+
+
+class IncompleteTargetsError(TargetsError):
+    """A database or the queues given in part: the rest would silently be local."""
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def database_problem(given: set[str]) -> str | None:
+    """Why the database variables given describe no database, or None.
+
+    ``DB_AUTH`` incomplete is refused by the settings themselves; this refuses
+    what they would take silently: ``DB_*`` without ``DB_AUTH`` (the embedded
+    PostgreSQL would be used instead), and ``DATABASE_URL`` beside ``DB_*``
+    (one of the two ignored).
+    """
+    named = [name for name in DATABASE_VARIABLES if name in given and name != "DATABASE_URL"]
+    if "DATABASE_URL" in given:
+        if named:
+            return (
+                f"DATABASE_URL and {_listed(named)} are both set: give the database one way, "
+                f"DATABASE_URL or DB_HOST/DB_NAME/DB_USER with DB_AUTH, not both"
+            )
+        return database_url_problem(get_settings().database_url or "")
+    if named and "DB_AUTH" not in given:
+        missing = [name for name in ("DB_HOST", "DB_NAME", "DB_USER") if name not in given]
+        also = f" (and {_listed(missing)})" if missing else ""
+        return (
+            f"{_listed(named)} {'is' if len(named) == 1 else 'are'} set but DB_AUTH is not{also}: "
+            f"set DB_AUTH=iam (or DB_AUTH=secret with DB_SECRET_ARN) with DB_HOST, DB_NAME "
+            f"and DB_USER to use that database, or {_EMBEDDED}"
+        )
+    return None
+
+
+def database_url_problem(database_url: str) -> str | None:
+    """Why ``DATABASE_URL`` is not a PostgreSQL URL pg8000 can use, or None."""
+    from sqlalchemy.exc import ArgumentError
+
+    from content_retry.database.engine import normalise_database_url
+    from content_retry.settings import SettingsError
+
+    try:
+        normalise_database_url(database_url)
+    except (ArgumentError, SettingsError, ValueError):
+        scheme, _, rest = database_url.rpartition("://")
+        if "@" in rest:  # never print a password
+            rest = "...@" + rest.rsplit("@", 1)[1]
+        shown = f"{scheme}://{rest}" if scheme else rest
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return (
+            f"DATABASE_URL ({shown}) is not a PostgreSQL URL: give "
+            "postgresql://USER:PASSWORD@HOST:5432/DATABASE, or unset it to use the "
+            "embedded PostgreSQL"
+        )
+    return None
+
+
+def queues_problem(given: set[str]) -> str | None:
+    """Why the queue variables given name no whole pair of queues, or None."""
+    queues = [name for name in ("RETRY_QUEUE_URL", "RETRY_DLQ_URL") if name in given]
+    if len(queues) == 1:
+        other = "RETRY_DLQ_URL" if queues == ["RETRY_QUEUE_URL"] else "RETRY_QUEUE_URL"
+        return (
+            f"{queues[0]} is set but {other} is not: give both queues' URLs (the stack's "
+            f"RetryQueueUrl and DeadLetterQueueUrl outputs), or {_MOTO}"
+        )
+    if "AWS_ENDPOINT_URL" in given and not queues:
+        return (
+            "AWS_ENDPOINT_URL is set but RETRY_QUEUE_URL and RETRY_DLQ_URL are not: give "
+            "that endpoint's queue URLs too, or unset AWS_ENDPOINT_URL to use a local moto server"
+        )
+    return None
+
+
+def incomplete_targets_problem(*, database: bool, aws: bool) -> str | None:
+    """What is missing from a database or queues given in part, or None; only the
+    parts a command uses are checked."""
+    given = given_variables()
+    problems = [
+        database_problem(given) if database else None,
+        queues_problem(given) if aws else None,
+    ]
+    return next((problem for problem in problems if problem), None)
 
 
 def mixed_targets_problem() -> str | None:
@@ -68,8 +206,8 @@ def mixed_targets_problem() -> str | None:
     dead-letter every real message as never planned.
     """
     given = given_targets()
-    database = [name for name in ("DATABASE_URL", "DB_AUTH") if name in given]
-    queues = [name for name in given if name not in database]
+    database = [name for name in given if name in DATABASE_VARIABLES]
+    queues = [name for name in given if name in QUEUE_VARIABLES]
     if bool(database) == bool(queues):
         return None
     if database:
@@ -85,6 +223,20 @@ def mixed_targets_problem() -> str | None:
     )
 
 
+def check_targets(*, database: bool, aws: bool) -> None:
+    """Refuse, before anything starts, variables that name a database or queues
+    in part, or a database and queues of two different deployments.
+
+    Raises:
+        IncompleteTargetsError, MixedTargetsError: one line saying what is
+            missing and what to do.
+    """
+    if problem := incomplete_targets_problem(database=database, aws=aws):
+        raise IncompleteTargetsError(problem)
+    if database and aws and (problem := mixed_targets_problem()):
+        raise MixedTargetsError(problem)
+
+
 def _set(**values: str) -> None:
     os.environ.update(values)
     get_settings.cache_clear()
@@ -97,9 +249,14 @@ def local_environment(
     database: bool = True,
     state_dir: Path = LOCAL_STATE_DIR,
     llm_latency: float | None = None,
+    keep_database: bool = False,
 ) -> Iterator[LocalEnvironment]:
     """Make a database (unless ``database=False``) and SQS (unless ``aws="none"``)
     reachable for this process.
+
+    The embedded PostgreSQL is used only when no database variable is set, and
+    moto only when no queue variable is: a database or queues given in part
+    are refused (see :func:`check_targets`), never completed with local ones.
 
     Args:
         aws: ``"thread"`` runs moto in this process and stops it on exit;
@@ -109,56 +266,38 @@ def local_environment(
         llm_latency: when given, the generate function calls Bedrock
             (``CONTENT_GENERATOR=bedrock``), served by a local Bedrock in this
             process that takes this many seconds a call.
+        keep_database: leave the embedded PostgreSQL running when the process
+            ends (``content-retry stop`` stops it).
 
     Raises:
-        MixedTargetsError: a command needing both was given one of them only
-            (checked before anything starts).
+        TargetsError: a database or queues given in part, or a command needing
+            both given one of them only (checked before anything starts).
     """
-    if database and aws != "none" and (problem := mixed_targets_problem()):
-        raise MixedTargetsError(problem)
+    check_targets(database=database, aws=aws != "none")
     from content_retry.aws import bedrock_runtime_client, client
     from content_retry.database import get_engine
     from content_retry.generators import get_generator
-    from content_retry_local.postgres import start_embedded_postgres
-    from content_retry_local.schema import upgrade
 
-    settings = get_settings()
     described = LocalEnvironment(database="given" if database else "none", aws="given")
-    if database and not settings.database_url and not settings.db_auth:
-        _set(DATABASE_URL=start_embedded_postgres(state_dir / "pgdata"))
+    if database and not given_targets_of(DATABASE_VARIABLES):
         described.database = "embedded"
-        # Its own database is kept current; a given one is upgraded only by
-        # `content-retry db upgrade`, which its operator runs on purpose.
-        upgrade(get_engine())
-
+        described.data_dir = _start_embedded_database(state_dir, keep=keep_database)
     server: Any = None
     if aws == "none":
         described.aws = "none"
-    elif not settings.aws_endpoint_url and not settings.retry_queue_url:
-        from content_retry_local.aws import ensure_background_moto, start_threaded_moto
-
-        if aws == "thread":
-            endpoint, server = start_threaded_moto()
-            described.aws = "moto (this process)"
-        else:
-            endpoint = ensure_background_moto(state_dir)
-            described.aws = "moto (background)"
-        # moto accepts any credentials; these never leave this machine.
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
-        _set(AWS_ENDPOINT_URL=endpoint, AWS_REGION=settings.aws_region)
-        client.cache_clear()
-        from content_retry_local.template import create_queues
-
-        queue_url, dlq_url = create_queues(client("sqs"))
-        _set(RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url)
+    elif not given_targets_of(QUEUE_VARIABLES):
+        described.aws, server = _start_local_sqs(aws, state_dir)
     bedrock: Any = None
     if llm_latency is not None:
         from content_retry_local.bedrock_server import LocalBedrock
 
         bedrock = LocalBedrock(latency=llm_latency).start()
-        described.llm = f"local Bedrock ({llm_latency:g} s a call)"
         _set(CONTENT_GENERATOR="bedrock", BEDROCK_MODEL_ID=LOCAL_MODEL_ID, **bedrock.environ())
+    described.llm = (
+        f"local Bedrock ({llm_latency:g} s a call)"
+        if llm_latency is not None
+        else describe_generator()
+    )
     try:
         yield described
     finally:
@@ -172,3 +311,46 @@ def local_environment(
             server.stop()
         if bedrock is not None:
             bedrock.stop()
+
+
+def given_targets_of(names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that are set."""
+    given = given_variables()
+    return [name for name in names if name in given]
+
+
+def _start_embedded_database(state_dir: Path, *, keep: bool) -> Path:
+    """The embedded PostgreSQL on ``state_dir/pgdata``, its schema current."""
+    from content_retry.database import get_engine
+    from content_retry_local.postgres import start_embedded_postgres
+    from content_retry_local.schema import upgrade
+
+    data_dir = state_dir / "pgdata"
+    _set(DATABASE_URL=start_embedded_postgres(data_dir, keep_running=keep))
+    # Its own database is kept current; a given one is upgraded only by
+    # `content-retry db upgrade`, which its operator runs on purpose.
+    upgrade(get_engine())
+    return data_dir
+
+
+def _start_local_sqs(aws: str, state_dir: Path) -> tuple[str, Any]:
+    """moto's server with the template's queues; (its description, a server to stop or None)."""
+    from content_retry.aws import client
+    from content_retry_local.aws import ensure_background_moto, start_threaded_moto
+    from content_retry_local.template import create_queues
+
+    server: Any = None
+    if aws == "thread":
+        endpoint, server = start_threaded_moto()
+        described = "moto (this process)"
+    else:
+        endpoint = ensure_background_moto(state_dir)
+        described = "moto (background)"
+    # moto accepts any credentials; these never leave this machine.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    _set(AWS_ENDPOINT_URL=endpoint, AWS_REGION=get_settings().aws_region)
+    client.cache_clear()
+    queue_url, dlq_url = create_queues(client("sqs"))
+    _set(RETRY_QUEUE_URL=queue_url, RETRY_DLQ_URL=dlq_url)
+    return described, server

@@ -1,5 +1,7 @@
 """``content-retry serve``: the HTTP API on localhost, through the detect handler.
 
+``/docs`` is Swagger UI from files installed with the project (no other host).
+
 Each request becomes an API Gateway REST proxy event, as API Gateway would
 build it, and goes to the deployed handler unchanged. The caller's identity
 comes from API Gateway's authorizer in AWS; locally there is none, so every
@@ -14,8 +16,10 @@ import re
 import threading
 import time
 import uuid
+from functools import cache
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -34,15 +38,44 @@ ROUTES = (
     ("GET", re.compile(r"^/retry-tasks/(?P<task_id>[^/]+)$"), "/retry-tasks/{task_id}"),
 )
 
+# Swagger UI, served from the Swagger UI files Powertools ships (its own
+# enable_swagger() serves the same ones): no CDN, so /docs works offline, and
+# no new dependency (Powertools is the layer's, pinned by its lock). Its 5.x
+# renders OpenAPI 3.1, the version openapi_document() writes.
+SWAGGER_UI_PACKAGE = "aws_lambda_powertools.event_handler.openapi.swagger_ui"
+DOCS_FILES = {
+    "/docs/swagger-ui.css": ("swagger-ui.min.css", "text/css; charset=utf-8"),
+    "/docs/swagger-ui-bundle.js": ("swagger-ui-bundle.min.js", "text/javascript; charset=utf-8"),
+    "/docs/swagger-initializer.js": (None, "text/javascript; charset=utf-8"),
+}
+DOCS_PATHS = ("/", "/docs", "/openapi.json", *DOCS_FILES)
+
 SWAGGER_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>content-retry API</title>
-<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="ui"></div>
-<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script src="/docs/swagger-initializer.js"></script>
 <noscript>The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>.</noscript>
 </body></html>
 """
+# validatorUrl null: Swagger UI would otherwise send the document to
+# validator.swagger.io for its badge.
+SWAGGER_INITIALIZER = """window.ui = SwaggerUIBundle({
+  url: "/openapi.json", dom_id: "#ui", validatorUrl: null, deepLinking: true
+});
+"""
+# The page may load nothing from anywhere else (styles inline: Swagger UI sets some).
+DOCS_CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'"
+
+
+@cache
+def docs_file(path: str) -> bytes:
+    """The bytes of one of the Swagger UI files under /docs/."""
+    name = DOCS_FILES[path][0]
+    if name is None:
+        return SWAGGER_INITIALIZER.encode()
+    return (resources.files(SWAGGER_UI_PACKAGE) / name).read_bytes()
 
 
 def api_gateway_event(
@@ -132,7 +165,11 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
         if path == "/openapi.json":
             self._send(HTTPStatus.OK, openapi_document().encode(), "application/json")
         elif path in ("/", "/docs"):
-            self._send(HTTPStatus.OK, SWAGGER_PAGE.encode(), "text/html; charset=utf-8")
+            page = SWAGGER_PAGE.encode()
+            policy = {"Content-Security-Policy": DOCS_CSP}
+            self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", policy)
+        elif path in DOCS_FILES:
+            self._send(HTTPStatus.OK, docs_file(path), DOCS_FILES[path][1])
         else:
             self._api()
 
@@ -142,7 +179,7 @@ class ApiRequestHandler(BaseHTTPRequestHandler):
     def _not_allowed(self) -> None:
         path = urlsplit(self.path).path
         allowed = [method for method, pattern, _ in ROUTES if pattern.match(path)]
-        if path in ("/", "/docs", "/openapi.json"):
+        if path in DOCS_PATHS:
             allowed = ["GET"]
         message = {"success": False, "message": f"method {self.command} not allowed", "errors": []}
         body = b"" if self.command == "HEAD" else json.dumps(message).encode()

@@ -3,16 +3,19 @@
 ``TEST_DATABASE_URL`` names a server when set: the session creates a database
 of its own there and drops it at the end, never touching the named database
 (the tests empty their tables after each test). Otherwise an embedded
-PostgreSQL (the pgserver wheel) is started in a temporary folder and removed
-at the end of the session.
+PostgreSQL (the pgserver wheel) is started in a temporary folder of its own
+(not pytest's, which other sessions change) and removed at the end of the session.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -22,7 +25,7 @@ from sqlalchemy import Connection, Engine, event, make_url, text
 
 from content_retry.database import build_engine
 from content_retry.settings import Settings, get_settings
-from content_retry_local.postgres import start_embedded_postgres
+from content_retry_local.postgres import start_embedded_postgres, stop_embedded_postgres
 from content_retry_local.schema import upgrade
 from content_retry_local.template import create_queues
 from tests import support
@@ -32,14 +35,28 @@ __all__ = ["REPO_ROOT", "FakeLambdaContext"]
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     server_url = os.environ.get("TEST_DATABASE_URL")
     if server_url:
         yield from _session_database(server_url)
     else:
-        yield start_embedded_postgres(
-            tmp_path_factory.mktemp("postgres") / "data", delete_on_exit=True
-        )
+        yield from _embedded_database()
+
+
+def _embedded_database() -> Iterator[str]:
+    """An embedded PostgreSQL in a folder of this session's own, removed at the end.
+
+    Not under pytest's basetemp: as root, pgserver runs the server as its own
+    user and opens the folders above the data to it, while every pytest
+    session resets the permissions of the shared /tmp/pytest-of-<user> (0700),
+    so another session starting would leave the server unable to reach its data.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="content-retry-pg-"))
+    try:
+        yield start_embedded_postgres(folder / "data", delete_on_exit=True)
+    finally:
+        stop_embedded_postgres(folder / "data")
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _session_database(server_url: str) -> Iterator[str]:

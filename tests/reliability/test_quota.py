@@ -8,7 +8,8 @@ containers), through moto's server and the local Bedrock
 workers' unpaced demand, per model id: tokens and requests a minute, a call
 reserving its input plus ``maxTokens`` when it starts, refused with
 ``ThrottlingException`` beyond. The machinery is benchmark B9's
-(:func:`benchmarks.b9_quota.drain_at_quota`), at a size that runs in seconds.
+(:func:`benchmarks.b9_quota.drain_at_quota`), at a size that drains in well
+under a minute.
 
 What the code promises, and each test holds it to, in counts (never in
 durations: a slow machine drains later, not differently):

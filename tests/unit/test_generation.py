@@ -197,7 +197,7 @@ class ScriptedPacer:
 
     def grant(self, calls: int, tokens_per_call: int, *, throttled: bool) -> Grant:
         self.asked.append((calls, tokens_per_call, throttled))
-        return self.grants.pop(0)
+        return self.grants.pop(0) if self.grants else Grant(calls, 0.0)
 
 
 def test_calls_start_as_the_quota_grants_them_and_wait_for_the_rest() -> None:
@@ -232,19 +232,52 @@ def test_a_quota_without_room_before_the_deadline_sends_the_record_back_with_its
     assert results["m1"].costs == {T: NOT_CALLED}
 
 
-def test_a_throttle_is_reported_to_the_shared_pace_on_the_next_grant() -> None:
+def test_a_throttled_call_waits_once_for_the_shared_pace_which_learns_of_it() -> None:
+    # GIVEN two messages, the first one's call throttled by the LLM once
     generator = ReservingGenerator()
-    generator.failures[("c1", T.value)] = ThrottledError("ThrottlingException")
-    pacer = ScriptedPacer(Grant(1, 0.01), Grant(1, 0.0))
+    generator.failures[("c1", T.value)] = ThrottledError(
+        "ThrottlingException", usage=Usage(throttled_attempts=2)
+    )
+    pacer = ScriptedPacer(Grant(1, 0.01))
     batch = BatchGeneration(
         generator, parallelism=1, deadline=_seconds(900.0), call_budget_seconds=60.0, pacer=pacer
     )
 
+    def answer_next_time(*_: str) -> None:
+        if generator.calls[-1] == ("c1", T.value) and len(generator.calls) > 1:
+            generator.failures.pop(("c1", T.value), None)
+
+    generator.before_call = answer_next_time
+
+    # WHEN the batch runs
     results = dict(batch.run([_request("m1", "c1", T), _request("m2", "c2", T)]))
 
+    # THEN the throttled call went back to wait for the pace (told of the
+    # throttle at its next take) and was made again in this invocation
     assert pacer.asked[1][2] is True
-    assert isinstance(results["m1"].try_later, ThrottledError)
+    assert generator.calls.count(("c1", T.value)) == 2
+    assert set(results["m1"].generated) == {T}
     assert set(results["m2"].generated) == {T}
+    # its throttled attempts are counted with the item, no extra paid call
+    assert results["m1"].costs[T].throttled_attempts == 2
+    assert results["m1"].costs[T].llm_calls == 1
+
+
+def test_a_call_throttled_twice_comes_back_with_a_short_delay_and_the_pace_is_told() -> None:
+    generator = ReservingGenerator()
+    generator.failures[("c1", T.value)] = ThrottledError("ThrottlingException")
+    pacer = ScriptedPacer()
+    batch = BatchGeneration(
+        generator, parallelism=1, deadline=_seconds(900.0), call_budget_seconds=60.0, pacer=pacer
+    )
+
+    results = dict(batch.run([_request("m1", "c1", T)]))
+
+    assert generator.calls == [("c1", T.value)] * 2
+    assert isinstance(results["m1"].try_later, ThrottledError)
+    assert results["m1"].delay_seconds == THROTTLED_DELAY_SECONDS
+    # the second throttle reached the shared pace by a take of no call
+    assert pacer.asked[-1] == (0, 1, True)
 
 
 def test_a_configuration_fault_stops_every_later_call_of_the_batch() -> None:

@@ -741,3 +741,169 @@ def test_the_runbook_names_the_stacks_log_groups_and_dashboard() -> None:
     for log_group in log_groups:
         assert log_group in runbook
     assert "content-retry-$STAGE" in runbook
+
+
+# Names the runbook may give in backticks that are neither the code's metrics nor
+# template.yaml's parameters, resources or outputs: AWS's own (API actions, the
+# errors Bedrock answers with), and a parameter the template no longer has, named
+# for the stacks that still do.
+RUNBOOK_OTHER_NAMES = frozenset(
+    {
+        NAMESPACE,
+        "ChangeMessageVisibility",
+        "StartMessageMoveTask",
+        "ThrottlingException",
+        "AccessDeniedException",
+        "ResourceNotFoundException",
+        "ValidationException",
+        "UnrecognizedClientException",
+        "ExpiredTokenException",
+        "InvalidSignatureException",
+        "DetectMaxConcurrency",
+    }
+)
+
+
+def _runbook() -> str:
+    return RUNBOOK.read_text(encoding="utf-8")
+
+
+def _runbook_section(heading: str) -> str:
+    """The text under a heading of the runbook, up to the next heading of its
+    level or above (a ``#`` line in a code block is a comment, not a heading)."""
+    level = len(heading) - len(heading.lstrip("#"))
+    lines = _runbook().splitlines()
+    start = lines.index(heading) + 1
+    in_code = False
+    for number in range(start, len(lines)):
+        in_code ^= lines[number].startswith("```")
+        if not in_code and re.match(rf"#{{1,{level}}}\s", lines[number]):
+            return "\n".join(lines[start:number])
+    return "\n".join(lines[start:])
+
+
+def _backticked(text: str) -> set[str]:
+    return set(re.findall(r"`([^`\n]+)`", text))
+
+
+def _sql_tables(package: Path = PACKAGE) -> set[str]:
+    """The tables the code's SQL names (FROM, JOIN, INTO, UPDATE)."""
+    tables: set[str] = set()
+    for path in package.rglob("*.py"):
+        tables |= set(
+            re.findall(r"\b(?:FROM|JOIN|INTO|UPDATE)\s+([a-z_]+)", path.read_text(encoding="utf-8"))
+        )
+    return tables
+
+
+def _dead_letter_reasons(package: Path = PACKAGE) -> set[str]:
+    """The reasons the code dead-letters with: the literal ``reason`` of each
+    ``DeadLetter(...)``, and what ``last_delivery_reason`` returns."""
+    reasons: set[str] = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and _called(node) == "DeadLetter":
+                reasons |= _strings(_argument(node, "reason", 1))
+            elif isinstance(node, ast.FunctionDef) and node.name == "last_delivery_reason":
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.Return):
+                        reasons |= _strings(inner.value)
+    return reasons
+
+
+def test_the_runbooks_links_lead_to_its_sections() -> None:
+    # GIVEN the runbook's links to its own sections
+    links = set(re.findall(r"\]\(#([^)\s]+)\)", _runbook()))
+
+    # WHEN they are compared with the anchors of its headings
+    broken = links - _runbook_anchors()
+
+    # THEN each leads somewhere (a renamed heading breaks no link silently)
+    assert links
+    assert broken == set()
+
+
+def test_every_event_the_runbook_names_is_one_the_code_logs() -> None:
+    # GIVEN the log events the runbook's prose and tables name (its tables left out)
+    named = {
+        name for name in _backticked(_runbook()) if re.fullmatch(r"(retry|api|llm)_[a-z_]+", name)
+    } - _sql_tables()
+
+    # WHEN they are compared with the events the code logs
+    unknown = named - CODE.log_events
+
+    # THEN each is logged: an operator looking for it finds it
+    assert "retry_dead_letters_redriven" in named
+    assert unknown == set()
+
+
+def test_every_name_the_runbook_gives_exists() -> None:
+    # GIVEN the CamelCase names in the runbook's backticks (metrics, parameters,
+    # resources, outputs)
+    names = {
+        name
+        for name in _backticked(_runbook())
+        if re.fullmatch(r"[A-Z][a-z0-9]+(?:[A-Z][A-Za-z0-9]*)*", name)
+    }
+    template = load_template()
+
+    # WHEN they are compared with the code's metrics, the template's names and AWS's
+    known = (
+        CODE.names
+        | set(template["Parameters"])
+        | set(template["Resources"])
+        | set(template["Outputs"])
+        | RUNBOOK_OTHER_NAMES
+    )
+
+    # THEN each exists (a metric the code does not emit would be an empty search)
+    assert {"DeadLettersRedriven", "SweepBacklog", "ClaimsExpired"} <= names
+    assert names - known == set()
+
+
+def test_the_runbook_lists_every_alarm_by_its_name() -> None:
+    # GIVEN the runbook's row of alarm names and the template's alarms
+    [row] = [line for line in _runbook().splitlines() if line.startswith("| alarms |")]
+    listed = set(re.findall(r"`(?:content-retry-\$STAGE)?(-[a-z0-9-]+)`", row))
+
+    # WHEN the template's alarm names are read with the stage left out
+    deployed = {
+        canonical(properties["AlarmName"]).removeprefix("content-retry-<Stage>")
+        for properties in alarms().values()
+    }
+
+    # THEN the runbook lists exactly the alarms the stack deploys
+    assert listed == deployed
+
+
+def test_the_runbooks_shell_reads_outputs_the_stack_has_and_rolls_back_every_function() -> None:
+    # GIVEN the runbook's shell set-up and its rolling-back section
+    shell = _runbook_section("## Set up your shell")
+    rolling_back = _runbook_section("## Rolling back")
+    outputs = load_template()["Outputs"]
+
+    # WHEN the outputs it reads are compared with the template's
+    read = dict(re.findall(r"(\w+)=\$\(output (\w+)\)", shell))
+    used = set(re.findall(r"\boutput ([A-Z]\w+)", _runbook()))
+    functions = {name for name in outputs if name.endswith("FunctionName")}
+
+    # THEN every output it reads exists, each function's name has its variable,
+    # and rolling back points every function's live alias back
+    assert used <= set(outputs)
+    assert functions <= set(read.values())
+    for variable, output in read.items():
+        if output in functions:
+            assert f'"${variable}"' in rolling_back, f"{output} is not rolled back"
+
+
+def test_the_runbook_explains_every_dead_letter_reason() -> None:
+    # GIVEN the reasons the code dead-letters with and the runbook's table of them
+    reasons = _dead_letter_reasons()
+    section = _runbook_section("### Dead-letter queue holds messages")
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.MULTILINE))
+    explained = rows - {"reason"}  # the header's
+
+    # WHEN they are compared
+    # THEN each reason has its row, and the table has no reason the code never gives
+    assert {"save_failed", "retries_exhausted", "configuration"} <= reasons
+    assert explained == reasons

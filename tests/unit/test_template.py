@@ -529,15 +529,45 @@ def test_api_invocations_end_within_api_gateways_29_seconds_by_construction() ->
     assert function_timeout("DetectFunction") > API_GATEWAY_TIMEOUT_SECONDS
 
 
+def statements(logical_id: str) -> list[str]:
+    """A function's policies, each statement (or policy template) as text."""
+    found = []
+    for policy in resource(logical_id)["Properties"]["Policies"]:
+        if isinstance(policy, dict) and "Statement" in policy:
+            found += [repr(statement) for statement in policy["Statement"]]
+        else:
+            found.append(repr(policy))
+    return found
+
+
 def test_both_detect_functions_run_the_one_judge() -> None:
     # GIVEN the API's function and the sweep's
     api, detect = (resource(name)["Properties"] for name in ("ApiFunction", "DetectFunction"))
 
-    # THEN they are the same handler, with the same permissions and the same logs
-    for key in ("CodeUri", "Handler", "Policies", "LoggingConfig", "Environment"):
+    # THEN they are the same handler, with the same settings and the same logs, and
+    # the API may do nothing the sweep's function may not
+    for key in ("CodeUri", "Handler", "LoggingConfig", "Environment"):
         assert repr(api.get(key)) == repr(detect.get(key)), key
     assert detect["Handler"] == "app.lambda_handler"
     assert detect["CodeUri"] == "functions/detect/"
+    assert set(statements("ApiFunction")) <= set(statements("DetectFunction"))
+
+
+def test_only_the_sweep_may_move_dead_lettered_content_back() -> None:
+    # GIVEN the statements naming the dead-letter queue
+    def on_the_dlq(logical_id: str) -> list[str]:
+        return [text for text in statements(logical_id) if "RetryDLQ" in text]
+
+    # THEN the sweep's function may receive and delete its messages (and send them to
+    # the retry queue); the API's may not touch it; generate may only send to it
+    [move] = on_the_dlq("DetectFunction")
+    assert "sqs:ReceiveMessage" in move and "sqs:DeleteMessage" in move
+    assert any(
+        "SQSSendMessagePolicy" in text and "RetryQueue" in text
+        for text in statements("DetectFunction")
+    )
+    assert on_the_dlq("ApiFunction") == []
+    assert all("SQSSendMessagePolicy" in text for text in on_the_dlq("GenerateFunction"))
 
 
 def test_no_function_reserves_concurrency() -> None:
@@ -584,6 +614,17 @@ def test_the_worker_knows_the_retry_queues_max_receive_count() -> None:
     redrive = resource("RetryQueue")["Properties"]["RedrivePolicy"]
 
     assert int(variables["RETRY_MAX_RECEIVE_COUNT"]) == int(redrive["maxReceiveCount"])
+
+
+def test_dead_lettered_content_stays_claimed_as_long_as_the_dlq_keeps_it() -> None:
+    variables = load_template()["Globals"]["Function"]["Environment"]["Variables"]
+    retention = int(resource("RetryDLQ")["Properties"]["MessageRetentionPeriod"])
+
+    assert int(variables["RETRY_DLQ_RETENTION_MINUTES"]) * 60 == retention
+    assert (
+        Settings.from_environ(function_environment("DetectFunction")).dlq_retention_minutes * 60
+        == retention
+    )
 
 
 def test_a_sent_claim_lasts_as_long_as_the_queue_keeps_its_message() -> None:

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from content_retry.concepts import Concept
@@ -41,7 +41,7 @@ from content_retry.generators import (
     Usage,
 )
 from content_retry.messages import Preferences
-from content_retry.observability import continue_trace, trace_entity, traced
+from content_retry.observability import continue_trace, logger, trace_entity, traced
 from content_retry.pacing import Grant
 
 # The LLM call (counting the item's earlier calls) on which a malformed answer
@@ -49,9 +49,10 @@ from content_retry.pacing import Grant
 # forever. Calls are counted, not deliveries: a delivery paced or throttled
 # before its call costs nothing and counts nothing.
 MALFORMED_OUTPUT_CALLS = 3
-# A record throttled by Bedrock comes back after about this long, not after
-# the queue's whole visibility timeout.
-THROTTLED_DELAY_SECONDS = 15
+# A call Bedrock throttled waits once in its invocation for the shared pace;
+# throttled again (or with no time to wait), its record comes back after about
+# this long, not after the queue's whole visibility timeout.
+THROTTLED_DELAY_SECONDS = 5
 
 
 class NotCalledError(TransientGenerationError):
@@ -246,6 +247,9 @@ class BatchGeneration:
         self._throttled = False
         self._next_grant_at = 0.0
         self.paced_calls = 0
+        # Calls throttled and put back to wait for the pace, with their attempts.
+        self._requeued: set[tuple[str, ContentType]] = set()
+        self._throttled_attempts: dict[tuple[str, ContentType], int] = {}
 
     def run(self, requests: Sequence[MessageRequest]) -> Iterator[tuple[str, MessageGeneration]]:
         """Each message's id and result, as soon as all its items are done."""
@@ -267,11 +271,49 @@ class BatchGeneration:
                 if not futures and pending:
                     time.sleep(timeout or 0)
                 for future in done:
-                    settled.append((*futures.pop(future), future.result()))
+                    message, item = futures.pop(future)
+                    outcome = self._throttled_again(message, item, future.result(), pending)
+                    if outcome is not None:
+                        settled.append((message, item, outcome))
                 for message, item, outcome in settled:
                     message.outcomes[item.content_type] = outcome
                     if message.done:
                         yield message.request.message_id, message.result()
+        self._report_throttle()
+
+    def _throttled_again(
+        self,
+        message: _MessageInFlight,
+        item: ItemToGenerate,
+        outcome: ItemOutcome,
+        pending: deque[_Call],
+    ) -> ItemOutcome | None:
+        """A call the LLM throttled waits in this invocation for the shared pace,
+        once (None: it is pending again); its throttled attempts are kept."""
+        key = (message.request.message_id, item.content_type)
+        throttled = self._throttled_attempts.pop(key, 0)
+        if outcome.cost.throttled_attempts:
+            self._throttled = True  # the shared pace learns of it at its next take
+        throttled_now = isinstance(outcome, TryLater) and isinstance(outcome.error, ThrottledError)
+        if throttled_now and key not in self._requeued and self._pacer is not None:
+            self._requeued.add(key)
+            self._throttled_attempts[key] = throttled + outcome.cost.throttled_attempts
+            pending.append((message, item))
+            return None
+        if not throttled:
+            return outcome
+        more = ItemCost(throttled_attempts=throttled)
+        return replace(outcome, cost=outcome.cost + more)
+
+    def _report_throttle(self) -> None:
+        """A throttle no later take of this invocation carried reaches the shared
+        pace all the same (a take of no call)."""
+        if self._throttled and self._pacer is not None:
+            self._throttled = False
+            try:
+                self._pacer.grant(0, 1, throttled=True)
+            except Exception:  # the pace learns it from the next throttle instead
+                logger.warning("llm_throttle_not_reported")
 
     def _start_what_may_start(
         self,
@@ -350,8 +392,9 @@ class BatchGeneration:
             outcome = self._traced_call(message.request, item)
         if isinstance(outcome, TryLater):
             self._note_try_later(outcome.error)
-            with message.lock:
-                message.try_later = message.try_later or outcome.error
+            if not isinstance(outcome.error, ThrottledError):  # that one may wait its turn here
+                with message.lock:
+                    message.try_later = message.try_later or outcome.error
         return outcome
 
     def _traced_call(self, request: MessageRequest, item: ItemToGenerate) -> ItemOutcome:
@@ -371,8 +414,6 @@ class BatchGeneration:
             )
 
     def _note_try_later(self, error: GenerationError) -> None:
-        if isinstance(error, ThrottledError):
-            self._throttled = True
-        elif isinstance(error, ConfigurationError):
+        if isinstance(error, ConfigurationError):
             # Every other call would be refused the same way.
             self._stopped = self._stopped or error

@@ -15,7 +15,6 @@ ceiling): the pace learns the quota that is really there.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -26,10 +25,11 @@ from content_retry.settings import Settings
 # Without a configured quota, the pace starts here and learns down from throttles.
 GUESSED_TOKENS_PER_MINUTE = 1_000_000
 GUESSED_REQUESTS_PER_MINUTE = 1_000
-# A throttle cuts the rate to this share, at most once per THROTTLE_COOLDOWN_SECONDS
-# (the calls in flight when the first throttle came say nothing new).
-THROTTLE_CUT = 0.7
-THROTTLE_COOLDOWN_SECONDS = 5
+# A throttle cuts the rate to this share, at most once per THROTTLE_COOLDOWN_SECONDS:
+# the throttles of calls already reserved before a cut say nothing new, and a
+# second cut for them would pace below the quota for minutes (B9).
+THROTTLE_CUT = 0.8
+THROTTLE_COOLDOWN_SECONDS = 15
 # After a minute without throttles the rate grows this share per minute.
 RECOVERY_PER_MINUTE = 0.05
 CALM_SECONDS = 60
@@ -157,8 +157,10 @@ def take(
         "calm": CALM_SECONDS,
         "cut_to": THROTTLE_CUT,
         "recovery": RECOVERY_PER_MINUTE,
-        "ceiling_tpm": float(quota.tokens_per_minute or math.inf),
-        "ceiling_rpm": float(quota.requests_per_minute or math.inf),
+        # Learning, the pace never grows past its guess: a rate nobody throttled
+        # says nothing about the quota above it.
+        "ceiling_tpm": float(quota.tokens_per_minute or GUESSED_TOKENS_PER_MINUTE),
+        "ceiling_rpm": float(quota.requests_per_minute or GUESSED_REQUESTS_PER_MINUTE),
     }
     row = connection.execute(_TAKE, params).one_or_none()
     if row is None:

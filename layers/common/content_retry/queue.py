@@ -8,6 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
+from content_retry import deadlines
 from content_retry.validation import clip_error
 
 # SendMessageBatch takes at most 10 entries, of at most 1 MiB in all; a message
@@ -24,11 +25,16 @@ RESEND_ATTEMPTS = 2
 # no call opens a connection only to drop it. At 15 ms a call, 10,000 messages
 # take 1,000 calls: 1.5 s at once, 15 s one after another.
 SEND_CONCURRENCY = 10
-# No batch is started with less than SEND_MARGIN_SECONDS of the caller's time
-# left, and batches in flight are waited for until GIVE_UP_SECONDS are left:
-# the caller keeps that to record what was sent and release what was not.
+# Once the first SEND_CONCURRENCY calls are started, no batch is started with
+# less than SEND_MARGIN_SECONDS of the deadline's time left: what the calls in
+# flight need to answer (milliseconds), and the caller to record what was sent
+# and release what was not. The first calls are always made, as a send always
+# was: a retry of up to 100 concepts takes one call's time, which the reserve
+# the deadline keeps to answer covers. A call in flight is waited for until
+# ANSWER_MARGIN_SECONDS before the answer must leave (the reserve included),
+# then given up: SQS that stops answering cannot keep the caller from answering.
 SEND_MARGIN_SECONDS = 0.5
-GIVE_UP_SECONDS = 0.3
+ANSWER_MARGIN_SECONDS = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +84,11 @@ def send_retry_messages(
     *,
     sleep: Callable[[float], None] = time.sleep,
     on_sent: Callable[[list[str]], None] = lambda concept_ids: None,
-    time_left: Callable[[], float] = lambda: float("inf"),
-    concurrency: int = SEND_CONCURRENCY,
+    deadline: deadlines.Deadline = deadlines.UNBOUNDED,
+    concurrency: int | None = None,
 ) -> SendResult:
-    """Send one message per concept in ``SendMessageBatch`` calls, ``concurrency`` at once.
+    """Send one message per concept in ``SendMessageBatch`` calls, ``concurrency``
+    (by default SEND_CONCURRENCY) at once.
 
     A batch holds at most BATCH_SIZE messages of at most MAX_BATCH_BYTES in
     all; a message over MAX_MESSAGE_BYTES is failed on its own, with why.
@@ -92,18 +99,20 @@ def send_retry_messages(
 
     ``on_sent`` is called on this thread with each batch's sent concepts as
     soon as it answers (the caller records them, batch by batch). Once
-    ``time_left()`` falls below SEND_MARGIN_SECONDS no batch is started (the
-    result's ``not_started`` says why; messages waiting to be sent again are
-    failed with it), and batches that have not answered by GIVE_UP_SECONDS
-    are given up as unconfirmed. Nothing raises for SQS: what could not be
-    sent is returned, so the caller can release those claims.
+    ``deadline`` leaves less than SEND_MARGIN_SECONDS, no batch is started
+    beyond the first ``concurrency`` (the result's ``not_started`` says why;
+    batches waiting for a thread or to be sent again are failed with it), and
+    calls that have not answered ANSWER_MARGIN_SECONDS before the deadline's
+    reserve runs out are given up as unconfirmed. Nothing raises for SQS: what
+    could not be sent is returned, so the caller can release those claims.
 
     Raises:
         Whatever else a call raised (a crash), once the other calls in flight
         have answered (within the time) and ``on_sent`` has been told of each
         sent batch; the crashed batch's concepts are unconfirmed.
     """
-    return _Sender(sqs, queue_url, sleep, on_sent, time_left, concurrency).run(messages)
+    sender = _Sender(sqs, queue_url, sleep, on_sent, deadline, concurrency or SEND_CONCURRENCY)
+    return sender.run(messages)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,13 +155,14 @@ class _Sender:
         queue_url: str,
         sleep: Callable[[float], None],
         on_sent: Callable[[list[str]], None],
-        time_left: Callable[[], float],
+        deadline: deadlines.Deadline,
         concurrency: int,
     ) -> None:
         self._sqs, self._queue_url, self._sleep = sqs, queue_url, sleep
-        self._on_sent, self._time_left = on_sent, time_left
-        # Submitted ahead of the threads, so they keep sending while on_sent records.
-        self._window = 2 * concurrency
+        self._on_sent, self._deadline, self._concurrency = on_sent, deadline, concurrency
+        # Submitted ahead of the threads, so they keep sending while on_sent
+        # records (a group of 1,000 concepts takes tens of milliseconds).
+        self._window = 4 * concurrency
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sqs-send")
         self._in_flight: dict[Future[dict[int, str]], _Batch] = {}
         self._resends: list[_Batch] = []
@@ -180,34 +190,39 @@ class _Sender:
         return self.result
 
     def _submit(self, batches: Iterator[_Batch]) -> None:
-        """Start batches (resends first) until the window is full, the messages
-        are all sent, or the time is up (then fail what is left, with why)."""
+        """Start batches (resends first) until the window is full or the
+        messages are all sent; once the time is up, start none."""
         while self.result.not_started is None and len(self._in_flight) < self._window:
+            if self._out_of_time():
+                self._stop(
+                    "not sent: the invocation's time ran out "
+                    f"(less than {SEND_MARGIN_SECONDS} s was left to send it)"
+                )
+                return
             batch = self._resends.pop() if self._resends else next(batches, None)
             if batch is None:
-                return
-            if self._time_left() < SEND_MARGIN_SECONDS:
-                self._resends.append(batch)
-                self._stop()
                 return
             self.result.api_calls += 1
             future = self._pool.submit(_send_batch, self._sqs, self._queue_url, batch, self._sleep)
             self._in_flight[future] = batch
 
-    def _stop(self) -> None:
-        """The time is up: no batch is started any more."""
-        self.result.not_started = (
-            "not sent: the invocation's time ran out "
-            f"(less than {SEND_MARGIN_SECONDS} s was left to send it)"
-        )
-        for batch in self._resends:
-            self.result.failed.update(dict.fromkeys(batch.concept_ids(), self.result.not_started))
+    def _out_of_time(self) -> bool:
+        started = self.result.api_calls >= self._concurrency
+        return started and self._deadline.left() < SEND_MARGIN_SECONDS
+
+    def _stop(self, reason: str) -> None:
+        """Start no batch any more: those waiting for a thread, or to be sent
+        again, fail with ``reason``; the rest were never started."""
+        self.result.not_started = reason
+        waiting = [future for future in self._in_flight if future.cancel()]
+        for batch in [*self._resends, *(self._in_flight.pop(future) for future in waiting)]:
+            self.result.failed.update(dict.fromkeys(batch.concept_ids(), reason))
         self._resends.clear()
 
     def _answered(self) -> set[Future[dict[int, str]]]:
         """The calls in flight that have answered, waiting for at least one
         while the time allows (none: the time is up)."""
-        left = self._time_left() - GIVE_UP_SECONDS
+        left = self._deadline.left() + self._deadline.reserve_seconds - ANSWER_MARGIN_SECONDS
         timeout = None if left == float("inf") else max(left, 0)
         done, _ = wait(self._in_flight, timeout=timeout, return_when=FIRST_COMPLETED)
         return done
@@ -216,8 +231,9 @@ class _Sender:
         crash = future.exception()
         if crash is not None:
             self._crash = self._crash or crash
-            self.result.not_started = self.result.not_started or f"not sent: {crash!r}"
             self.result.unconfirmed += batch.concept_ids()
+            if self.result.not_started is None:
+                self._stop(f"not sent: a send crashed ({crash!r})")
             return
         errors = future.result()
         sent = [m.concept_id for n, m in enumerate(batch.messages) if n not in errors]

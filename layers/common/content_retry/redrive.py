@@ -26,6 +26,11 @@ from content_retry.observability import logger
 LEFT_INVISIBLE_SECONDS = 60
 # Seconds a move needs at most (a receive, a send, a delete, at their worst).
 MOVE_SECONDS = 15
+# Receives one run makes at most: copies without content are passed over, not waited on.
+MAX_RECEIVES = 50
+# Copies that come back to the dead-letter queue whatever is done with them: a
+# message that does not match its ledger (or whose task is gone) stays so.
+NOT_REDRIVEN_REASONS = frozenset({"not_planned", "invalid_message"})
 
 
 def carries_content(body: str) -> bool:
@@ -36,23 +41,31 @@ def carries_content(body: str) -> bool:
         return False
 
 
+def _redriven(message: dict[str, Any]) -> bool:
+    """Whether the sweep moves this dead-letter copy back: it carries content
+    that a save can still use."""
+    reason = (message.get("MessageAttributes") or {}).get("reason", {}).get("StringValue")
+    return reason not in NOT_REDRIVEN_REASONS and carries_content(message["Body"])
+
+
 def redrive_content(
     sqs: Any, dlq_url: str, queue_url: str, *, deadline: Deadline, at_most: int = 1_000
 ) -> int:
     """Move the dead-letter queue's copies that carry generated content back to
     the retry queue, keeping body and attributes; returns how many moved."""
     moved = 0
-    while moved < at_most and deadline.left() > MOVE_SECONDS:
+    for _ in range(MAX_RECEIVES):
+        if moved >= at_most or deadline.left() <= MOVE_SECONDS:
+            break
         messages = sqs.receive_message(
             QueueUrl=dlq_url,
             MaxNumberOfMessages=10,
             VisibilityTimeout=LEFT_INVISIBLE_SECONDS,
             MessageAttributeNames=["All"],
         ).get("Messages", [])
-        carrying = [message for message in messages if carries_content(message["Body"])]
-        if not carrying:
+        if not messages:
             break
-        for message in carrying:
+        for message in filter(_redriven, messages):
             sqs.send_message(
                 QueueUrl=queue_url,
                 MessageBody=message["Body"],

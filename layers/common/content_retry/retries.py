@@ -205,7 +205,7 @@ def _send(
                 _outgoing(task_id, plan, preferences),
                 sleep=deps.sleep,
                 on_sent=recorder.sent,
-                time_left=deadlines.current().left,
+                deadline=deadlines.current(),
             )
         except BaseException:
             recorder.flush()  # a crash mid-send: the sent ones are recorded, exactly
