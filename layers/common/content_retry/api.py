@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
-from aws_lambda_powertools.event_handler.openapi.params import Body, Path
+from aws_lambda_powertools.event_handler.openapi.params import Body, Path, Query
 from aws_lambda_powertools.event_handler.openapi.types import (
     OpenAPIResponse,
     OpenAPIResponseHeader,
@@ -27,6 +27,7 @@ from content_retry.database import DATABASE_ERRORS
 from content_retry.messages import Preferences
 from content_retry.observability import logger
 from content_retry.plan import RoadmapNotFoundError
+from content_retry.plan_view import RetryPlanView, preview_retry
 from content_retry.request_body import BodyError, read_body
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry.tasks import TaskView, task_for_owner
@@ -268,6 +269,39 @@ def request_retry(
     # send was not recorded (start_retry): the messages are in the queue, and
     # a 503 would ask the caller again for what is already on its way.
     return _json(202, answer)
+
+
+@app.get(
+    "/roadmaps/<roadmap_id>/retry-plan",
+    summary="What a retry would plan now, and what it would cost; nothing is claimed or sent",
+    responses={
+        200: {
+            "description": "The plan a retry would make now, and its estimate",
+            "content": {"application/json": {"model": RetryPlanView}},
+        },
+        422: {
+            "description": "Invalid query (an unknown content type names the valid ones)",
+            "content": {"application/json": {"model": ErrorResponse}},
+        },
+        **_ERRORS,
+    },
+)
+def get_retry_plan(
+    roadmap_id: RoadmapId,
+    content_types: Annotated[
+        str | None,
+        Query(
+            description="Comma-separated content types (tutorial, resources, quiz); "
+            "default: every content type",
+            max_length=200,
+        ),
+    ] = None,
+) -> Response[RetryPlanView]:
+    if len(roadmap_id) > MAX_ID_LENGTH:  # longer than any roadmap the pipeline can plan
+        raise RoadmapNotFoundError(roadmap_id)
+    names = None if content_types is None else [n.strip() for n in content_types.split(",")]
+    view = preview_retry(_deps(), roadmap_id, content_types=names, owner=_caller())
+    return _json(200, view)
 
 
 @app.get(

@@ -113,6 +113,15 @@ class Settings(BaseModel):
         default=4096, alias="BEDROCK_MAX_TOKENS"
     )
 
+    # What the retry plan's estimate prices a call at: the model's on-demand
+    # prices in US dollars per million tokens (the defaults: Claude 3.5 Haiku's).
+    llm_price_input_usd_per_mtok: Annotated[float, Field(ge=0)] = Field(
+        default=0.8, alias="LLM_PRICE_INPUT_USD_PER_MTOK"
+    )
+    llm_price_output_usd_per_mtok: Annotated[float, Field(ge=0)] = Field(
+        default=4.0, alias="LLM_PRICE_OUTPUT_USD_PER_MTOK"
+    )
+
     aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
     aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
     # botocore's own name for a service's endpoint: a local Bedrock beside moto.

@@ -19,7 +19,7 @@ from content_retry.claims import live_claim, waiting_for_redrive
 from content_retry.concepts import Concept
 from content_retry.content_types import STORAGE, ContentType, parse_content_types
 from content_retry.observability import logger, traced
-from content_retry.plan.models import ConceptPlan, PlannedItem, Reason, RetryPlan
+from content_retry.plan.models import ConceptPlan, HeldItem, PlannedItem, Reason, RetryPlan
 from content_retry.roadmaps import array_or_empty, lock_roadmap, patch_concept_statuses
 from content_retry.statuses import (
     ContentStatus,
@@ -148,6 +148,7 @@ def build_retry_plan(
     owner: str | None = None,
     claim_lease_minutes: int = 60,
     queue_retention_minutes: int = 5_760,
+    preview: bool = False,
 ) -> RetryPlan:
     """Plan the retry of one roadmap: every item that needs it, with its reason.
 
@@ -165,6 +166,8 @@ def build_retry_plan(
             back this long after it was planned or started.
         queue_retention_minutes: a claim whose message was sent holds its item
             back while the message can still be in the queue.
+        preview: the plan only shown (the retry-plan view): the held items are
+            listed, and nothing is written (no framework status repaired).
 
     Raises:
         UnknownContentTypeError: a content type is unknown, or the list is empty.
@@ -177,6 +180,7 @@ def build_retry_plan(
             parse_content_types(content_types),
             owner,
             {"lease_minutes": claim_lease_minutes, "retention_minutes": queue_retention_minutes},
+            preview,
         )
 
 
@@ -186,6 +190,7 @@ def _plan(
     types: tuple[ContentType, ...],
     owner: str | None,
     claim_terms: dict[str, int],
+    preview: bool,
 ) -> RetryPlan:
     roadmap = lock_roadmap(connection, roadmap_id)
     if roadmap is None or (owner is not None and roadmap.user_id != owner):
@@ -196,12 +201,12 @@ def _plan(
         {"roadmap_id": roadmap_id, **claim_terms},
     )
 
-    judged = _Judged()
+    judged = _Judged(list_held=preview)
     # Rows unpacked by position: at 10,000 concepts, attribute access by name
     # was a third of the judge's time.
     for row in rows:
         judged.add(*row)
-    if judged.repairs:
+    if judged.repairs and not preview:
         patch_concept_statuses(connection, roadmap_id, judged.repairs)
     if judged.unplannable:
         # No retry message can carry such an id; the platform's data needs fixing.
@@ -217,6 +222,7 @@ def _plan(
         concepts=list(judged.concepts.values()),
         claimed_count=judged.claimed,
         waiting_for_redrive_count=judged.waiting,
+        held=judged.held,
         repaired_count=sum(len(keys) for keys in judged.repairs.values()),
     )
 
@@ -233,6 +239,8 @@ class _Judged:
     repairs: dict[str, dict[str, str]] = field(default_factory=dict)
     claimed: int = 0
     waiting: int = 0
+    list_held: bool = False
+    held: list[HeldItem] = field(default_factory=list)
     # Concepts whose ids no retry message can carry (empty, or too long).
     unplannable: set[str] = field(default_factory=set)
     _seen: set[tuple[str, str]] = field(default_factory=set)
@@ -262,6 +270,8 @@ class _Judged:
         if judgement.decision is Decision.CLAIMED:
             self.claimed += 1
             self.waiting += is_waiting
+            if self.list_held:
+                self.held.append(HeldItem(concept_id, content_type, is_waiting))
         elif judgement.decision is Decision.RETRY and judgement.reason is not None:
             concept = self.concepts.get(concept_id)
             if concept is None:

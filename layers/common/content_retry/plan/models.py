@@ -34,6 +34,16 @@ class ConceptPlan:
     items: list[PlannedItem] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class HeldItem:
+    """An item that needs content but is held: a live claim of another task, or
+    its generated content waiting in the dead-letter queue for a re-drive."""
+
+    concept_id: str
+    content_type: ContentType
+    waiting_for_redrive: bool
+
+
 @dataclass
 class RetryPlan:
     roadmap_id: str
@@ -46,6 +56,8 @@ class RetryPlan:
     waiting_for_redrive_count: int = 0
     # Framework statuses set to completed because a completed latest row exists.
     repaired_count: int = 0
+    # The held items themselves (listed only when asked for: the retry-plan view).
+    held: list[HeldItem] = field(default_factory=list)
 
     @property
     def items(self) -> list[tuple[Concept, PlannedItem]]:
