@@ -8,7 +8,7 @@ BEGIN, COMMIT and checkout events) and the process's peak resident memory
 (VmHWM; ru_maxrss would carry the parent's size across the fork). Each
 roadmap lost every content type of every concept, so each message carries
 three items (the largest plan and ledger per concept), and each concept has
-a paragraph of description (240 characters) as the platform writes them.
+a paragraph of description (about 240 characters), as the platform writes.
 
 SQS is the real botocore client, as ``content_retry.aws.client`` configures
 it for the function (retries, timeouts, its pool of 10 connections), whose
@@ -73,6 +73,7 @@ class Run:
     status: int
     retried_count: int
     seconds: float
+    send_seconds: float
     sqs_calls: int
     entries: int
     distinct_bodies: int
@@ -83,6 +84,8 @@ class Run:
     mark_statements: int
     rss_before_mib: float
     peak_mib: float
+    # The warnings and errors detect logged (event names): none expected.
+    problems: list[str]
 
     @property
     def lower_bound(self) -> float:
@@ -168,12 +171,15 @@ def _measure(env: BenchEnv, engine: Any, url: str, size: int, *, concurrency: in
     found = Run(**json.loads(completed.stdout.strip().splitlines()[-1]))
     label = "sequential" if concurrency == 1 else "concurrent"
     say(
-        f"{size:>6,} concepts, {label:<10}: {found.status} in {found.seconds:6.2f} s "
-        f"({found.retried_count:,} items); {found.sqs_calls:,} SQS calls, lower bound "
-        f"{found.lower_bound:5.2f} s ({found.seconds / found.lower_bound:.2f}x); "
-        f"peak RSS {found.peak_mib:.0f} MiB (after imports {found.rss_before_mib:.0f}); "
-        f"{found.round_trips} database round trips ({found.mark_statements} marking sends)"
+        f"{size:>6,} concepts, {label}: {found.status} in {found.seconds:.2f} s "
+        f"({found.retried_count:,} items), of which sending {found.send_seconds:.2f} s: "
+        f"{found.sqs_calls:,} SQS calls, lower bound {found.lower_bound:.2f} s "
+        f"({found.send_seconds / found.lower_bound:.2f}x); peak RSS {found.peak_mib:.0f} MiB "
+        f"(after imports {found.rss_before_mib:.0f}); {found.round_trips} database round "
+        f"trips, {found.mark_statements} of them marking sends"
     )
+    if found.problems:
+        say(f"  logged: {', '.join(found.problems)}")
     _check(found, size)
     return found
 
@@ -206,13 +212,13 @@ def _report(runs: list[Run], sequential: dict[int, Run]) -> Result:
         f"goal 50,000 concepts within {MEMORY_GOAL_MIB:.0f} MiB: peak "
         f"{memory.peak_mib:.0f} MiB: {'met' if memory_met else 'MISSED'}"
     )
-    ratios = ", ".join(f"{found.seconds / found.lower_bound:.2f}x" for found in runs)
+    ratios = ", ".join(f"{found.send_seconds / found.lower_bound:.2f}x" for found in runs)
     return Result(
         ID,
         WHAT,
         GOAL,
         f"20k in {answer.seconds:.2f} s; 50k peak {memory.peak_mib:.0f} MiB; "
-        f"{ratios} the lower bound",
+        f"sending {ratios} the lower bound",
         answer_met and memory_met,
     )
 
@@ -292,6 +298,38 @@ class _Context:
         return max(0, int((self._ends - time.monotonic()) * 1000))
 
 
+def _logged_problems() -> list[str]:
+    """The event names of the warnings and errors detect logs from now on."""
+    import logging
+
+    from content_retry.observability import logger
+
+    problems: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            problems.append(str(record.msg))
+
+    logging.getLogger(logger.name).addHandler(Keep(level=logging.WARNING))
+    return problems
+
+
+def _time_calls(module: Any, name: str) -> list[float]:
+    """Time each call of ``module.name`` from now on; returns the list the times go to."""
+    seconds: list[float] = []
+    function = getattr(module, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    setattr(module, name, timed)
+    return seconds
+
+
 def _memory_mib(field: str) -> float:
     with open("/proc/self/status") as status:
         kib = next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
@@ -310,7 +348,7 @@ def _child(url: str, size: int, concurrency: int) -> dict[str, Any]:
     )
     os.environ.pop("AWS_ENDPOINT_URL", None)
     from benchmarks.harness import EngineCounter, quiet_powertools
-    from content_retry import api, queue
+    from content_retry import api, queue, retries
     from content_retry.retries import default_detect_dependencies
     from functions.detect.app import lambda_handler
 
@@ -327,6 +365,8 @@ def _child(url: str, size: int, concurrency: int) -> dict[str, Any]:
     event["pathParameters"] = {"roadmap_id": _roadmap_id(size)}
     event["requestContext"]["authorizer"] = {"claims": {"sub": USER_ID}}
     event["body"] = json.dumps({"preferences": {"language": "en", "level": "beginner"}})
+    send_seconds = _time_calls(retries, "send_retry_messages")
+    problems = _logged_problems()
     rss_before = _memory_mib("VmRSS")
     with quiet_powertools(), EngineCounter(deps.engine) as counter:
         started = time.perf_counter()
@@ -344,6 +384,7 @@ def _child(url: str, size: int, concurrency: int) -> dict[str, Any]:
         "status": response["statusCode"],
         "retried_count": json.loads(response["body"]).get("retried_count", 0),
         "seconds": seconds,
+        "send_seconds": sum(send_seconds),
         "sqs_calls": sqs.calls,
         "entries": sqs.entries,
         "distinct_bodies": sqs.distinct_bodies,
@@ -354,6 +395,7 @@ def _child(url: str, size: int, concurrency: int) -> dict[str, Any]:
         "mark_statements": sum("SET sent_at" in s for s in counter.statements),
         "rss_before_mib": rss_before,
         "peak_mib": peak,
+        "problems": problems,
     }
 
 

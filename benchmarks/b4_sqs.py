@@ -16,6 +16,7 @@ database statements detect issued are shown too (engine events).
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
 from typing import Any
 
@@ -69,8 +70,14 @@ class Consumer:
     def __init__(self, sender: Any, receiver: Any, queue_url: str) -> None:
         self.sender, self.receiver, self.queue_url = sender, receiver, queue_url
         self.received = 0
+        # detect sends batches from several threads at once: one drain at a time.
+        self._lock = threading.Lock()
 
     def _after_send(self, **kwargs: Any) -> None:
+        with self._lock:
+            self._drain()
+
+    def _drain(self) -> None:
         while True:
             messages = self.receiver.receive_message(
                 QueueUrl=self.queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0

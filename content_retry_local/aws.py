@@ -68,13 +68,13 @@ def ensure_background_moto(state_dir: Path) -> str:
             return f"http://127.0.0.1:{state['port']}"
     state_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    log = (state_dir / "moto.log").open("ab")
-    process = subprocess.Popen(  # noqa: S603 - our own interpreter running moto's module
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=log,
-        start_new_session=True,
-    )
+    with (state_dir / "moto.log").open("ab") as log:  # the server keeps its own copy
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter running moto's module
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 15
     while not _answers(port):
         if process.poll() is not None or time.monotonic() > deadline:

@@ -290,6 +290,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from content_retry.content_types import UnknownContentTypeError
+    from content_retry.database import get_engine
+    from content_retry.plan import RoadmapNotFoundError
+    from content_retry.plan_view import preview_retry
+    from content_retry.retries import DetectDependencies
+    from content_retry.settings import get_settings
+    from content_retry_local.environment import local_environment
+
+    types = None if args.content_types is None else args.content_types.split(",")
+    with local_environment(aws="none"):
+        # The operator's view, as a direct invoke is: any roadmap, no owner check.
+        deps = DetectDependencies(engine=get_engine(), sqs=None, settings=get_settings())
+        try:
+            view = preview_retry(deps, args.roadmap_id, content_types=types)
+        except UnknownContentTypeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except RoadmapNotFoundError:
+            print(f"error: no roadmap {args.roadmap_id!r} in this database", file=sys.stderr)
+            return 1
+    # The same view GET /roadmaps/{roadmap_id}/retry-plan answers with.
+    print(view.model_dump_json(indent=2))
+    return 0
+
+
 def _seed(args: argparse.Namespace) -> int:
     from content_retry.database import get_engine
     from content_retry_local.environment import (
@@ -316,10 +342,10 @@ def _seed(args: argparse.Namespace) -> int:
     print("\n".join(describe(seeded)))
     print(
         f"\ntry them: {program} serve --dev-identity, then (the caller is the X-Dev-User header)\n"
-        f"  curl -s -X POST -H 'X-Dev-User: {SEED.user_id}' -H 'Content-Type: application/json' "
-        f'-d \'{{"content_types": ["tutorial"]}}\' '
-        f"http://127.0.0.1:8080/roadmaps/{SEED.roadmap_id}/retry\n"
-        f"  curl -s -H 'X-Dev-User: {SEED.user_id}' http://127.0.0.1:8080/retry-tasks/TASK_ID\n"
+        f"  curl -s -X POST http://127.0.0.1:8080/roadmaps/{SEED.roadmap_id}/retry "
+        f"-H 'X-Dev-User: {SEED.user_id}' -H 'Content-Type: application/json' "
+        f'-d \'{{"content_types": ["tutorial"]}}\'\n'
+        f"  curl -s http://127.0.0.1:8080/retry-tasks/TASK_ID -H 'X-Dev-User: {SEED.user_id}'\n"
         f"  {program} drain    (the generate function; then the task view again)\n"
         f"or without a server: {program} invoke detect --event events/api-retry.json\n"
         f"({THEIRS.user_id} owns {THEIRS.roadmap_id}; README: Your first hour)"
@@ -328,7 +354,6 @@ def _seed(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from content_retry.database import get_engine
     from content_retry.settings import get_settings
     from content_retry_local.environment import (
         DATABASE_VARIABLES,
@@ -336,7 +361,7 @@ def _sql(args: argparse.Namespace) -> int:
         given_targets_of,
         local_environment,
     )
-    from content_retry_local.sql import open_psql, run_statement
+    from content_retry_local.sql import open_psql
 
     given = given_targets_of(DATABASE_VARIABLES)
     if args.demo and given:
@@ -350,8 +375,7 @@ def _sql(args: argparse.Namespace) -> int:
     with local_environment(aws="none", state_dir=state_dir) as environment:
         _describe(environment)
         if args.statement:
-            print("\n".join(run_statement(get_engine(), args.statement)))
-            return 0
+            return _run_statement(args.statement)
         database_url = get_settings().database_url
         if database_url is None:  # DB_AUTH: a token or a secret per connection
             print(
@@ -361,12 +385,33 @@ def _sql(args: argparse.Namespace) -> int:
         return open_psql(database_url)
 
 
+def _run_statement(statement: str) -> int:
+    """Print a statement's rows; PostgreSQL's refusal of it is the answer."""
+    from content_retry.database import get_engine
+    from content_retry_local.errors import statement_refusal
+    from content_retry_local.sql import run_statement
+
+    try:
+        print("\n".join(run_statement(get_engine(), statement)))
+    except Exception as exc:
+        refusal = statement_refusal(exc)
+        if refusal is None:  # the database itself: answered as any command's
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _openapi(args: argparse.Namespace) -> int:
     from content_retry.api import openapi_document
 
     document = openapi_document()
     if args.output:
-        Path(args.output).write_text(document, encoding="utf-8")
+        try:
+            Path(args.output).write_text(document, encoding="utf-8")
+        except OSError as exc:
+            print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return 1
         print(f"wrote {args.output}")
     else:
         sys.stdout.write(document)
@@ -504,6 +549,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "a retry task's status and items", _status)
     status.add_argument("task_id")
 
+    plan = command(
+        "plan",
+        "what a retry of the roadmap would plan now, and what it would cost (as GET "
+        "/roadmaps/{id}/retry-plan); nothing is claimed, sent or written",
+        _plan,
+    )
+    plan.add_argument("roadmap_id")
+    plan.add_argument(
+        "--content-types", help="comma-separated: tutorial, resources, quiz (default: all)"
+    )
+
     command(
         "seed",
         "put sample roadmaps in the local database to try the API on: the seed's and a few "
@@ -554,6 +610,8 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    # Once: a second SIGTERM (a service manager's) must not cut the clean-up short.
+    signal.signal(signum, signal.SIG_IGN)
     raise Stopped(signum)
 
 

@@ -174,7 +174,7 @@ def queues_problem(given: set[str]) -> str | None:
         other = "RETRY_DLQ_URL" if queues == ["RETRY_QUEUE_URL"] else "RETRY_QUEUE_URL"
         return (
             f"{queues[0]} is set but {other} is not: give both queues' URLs (the stack's "
-            f"RetryQueueUrl and DeadLetterQueueUrl outputs), or {_MOTO}"
+            f"RetryQueueUrl and RetryDlqUrl outputs), or {_MOTO}"
         )
     if "AWS_ENDPOINT_URL" in given and not queues:
         return (

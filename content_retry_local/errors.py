@@ -78,6 +78,17 @@ def _sqlstate(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
+def statement_refusal(exc: BaseException) -> str | None:
+    """PostgreSQL's refusal of a statement a person wrote (``content-retry sql``):
+    its own words, not a guess at the cause; None for a connection's failure."""
+    for cause in causes(exc):
+        found = _sqlstate(cause)
+        if found and not found[0].startswith(("08", "28", "3D", "57")):
+            code, message = found
+            return f"PostgreSQL refused the statement: {message} (SQLSTATE {code})"
+    return None
+
+
 _FIX_LOGIN = "check the user and password (DATABASE_URL, or DB_USER and DB_AUTH)"
 
 

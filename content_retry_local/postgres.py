@@ -39,8 +39,9 @@ def start_embedded_postgres(
         delete_on_exit: remove the data when the server stops (tests).
         max_connections: set the server's connection limit (a restart, the
             first time): for tests of what happens when it is reached.
-        keep_running: leave the server running when this process exits
-            (``content-retry demo --keep``; ``content-retry stop`` stops it).
+        keep_running: leave the server running when this process exits, and
+            when any later one does (``content-retry demo --keep``), until
+            :func:`stop_embedded_postgres` (``content-retry stop``).
 
     Returns:
         A SQLAlchemy URL for the ``postgres`` database.
@@ -48,8 +49,9 @@ def start_embedded_postgres(
     Raises:
         EmbeddedPostgresError: the wheel is not installed or the server failed.
     """
-    mode = "delete" if delete_on_exit else None if keep_running else "stop"
     _forget_ended_users(data_dir)
+    keep = _kept(data_dir, keep_running)
+    mode = "delete" if delete_on_exit else None if keep else "stop"
     server = _get_server(data_dir, "stop" if max_connections else mode)
     if max_connections is not None:
         limit = int(max_connections)
@@ -103,6 +105,7 @@ def stop_embedded_postgres(data_dir: Path) -> str:
 
     Returns what was done, as a sentence for the command line.
     """
+    _kept_marker(data_dir).unlink(missing_ok=True)
     server = running_server(data_dir)
     if server is None:
         return f"no PostgreSQL running on {data_dir}"
@@ -123,6 +126,24 @@ def psql_executable() -> Path:
         from pgserver._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH) / "psql"
+
+
+def _kept_marker(data_dir: Path) -> Path:
+    return data_dir.with_name(data_dir.name + ".kept")
+
+
+def _kept(data_dir: Path, keep_running: bool) -> bool:
+    """Whether the server is to outlive this process: asked now, or kept by an
+    earlier process and still running (a server the machine stopped since,
+    a reboot, is no longer kept)."""
+    marker = _kept_marker(data_dir)
+    if keep_running:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("kept running until content-retry stop\n")
+        return True
+    if marker.exists() and running_server(data_dir) is None:
+        marker.unlink()
+    return marker.exists()
 
 
 def _forget_ended_users(data_dir: Path) -> None:

@@ -8,6 +8,7 @@ installing) on the same database, kept running while psql is open.
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,5 +91,14 @@ def psql() -> Path:
 
 
 def open_psql(database_url: str) -> int:
-    """An interactive psql on the database; returns its exit status."""
-    return subprocess.run([str(psql()), libpq_url(database_url)], check=False).returncode  # noqa: S603
+    """An interactive psql on the database; returns its exit status.
+
+    Ctrl-C belongs to psql meanwhile (it cancels a query there): this process
+    catches SIGINT and does nothing, and psql, started afresh, has its own.
+    """
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        command = [str(psql()), libpq_url(database_url)]
+        return subprocess.run(command, check=False).returncode  # noqa: S603 - the wheel's psql
+    finally:
+        signal.signal(signal.SIGINT, previous)

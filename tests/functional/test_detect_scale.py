@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
-from content_retry import api, queue
+from content_retry import api, ledger, queue
 from content_retry.queue import OutgoingMessage, send_retry_messages
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry_local.seed import ConceptSeed, build_framework, insert_roadmap
@@ -488,3 +489,30 @@ def test_a_5000_concept_retry_sends_every_message_exactly_once(
     assert len(marked_sent(db)) == 5_000
     marks = [s for s in count_statements.statements if "SET sent_at" in s]
     assert 2 <= len(marks) <= 20
+
+
+def test_a_group_the_database_fails_to_record_is_recorded_at_the_end(
+    db: Engine, queues: Queues, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # GIVEN 2,500 lost tutorials (three groups to record), and a database that
+    # fails the first group's record
+    add_roadmap(db, concepts(2_500))
+    sqs = SqsAnsweringIn(queues.sqs)
+    mark_sent = ledger.mark_sent
+    calls: list[int] = []
+
+    def failing_once(connection: Connection, task_id: str, concept_ids: list[str]) -> None:
+        calls.append(len(concept_ids))
+        if len(calls) == 1:
+            raise OperationalError("UPDATE retry_items", {}, ConnectionResetError("reset"))
+        mark_sent(connection, task_id, concept_ids)
+
+    monkeypatch.setattr(ledger, "mark_sent", failing_once)
+
+    # WHEN the retry is sent
+    assert retry(detect_deps(db, sqs)) == 2_500
+
+    # THEN every sent concept is marked all the same, by the send's last record
+    assert marked_sent(db) == set(sqs.received) and len(sqs.received) == 2_500
+    assert len(calls) == 2 and calls[1] == 2_500
+    assert "retry_sends_record_deferred" in [record.msg for record in caplog.records]

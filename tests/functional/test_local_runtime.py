@@ -50,20 +50,25 @@ def run_demo(
     return run_cli(cwd, given, "demo", *arguments)
 
 
-def run_cli(
-    cwd: Path, given: dict[str, str] | None, *arguments: str
-) -> subprocess.CompletedProcess[str]:
-    """``content-retry ARGUMENTS`` in a new process, with nothing configured but ``given``."""
+def cli_environment(given: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment with no database, AWS or queue configured but ``given``."""
     environment = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("AWS_", "DATABASE_URL", "RETRY_", "DB_"))
     }
     environment.update(given or {})
+    return environment
+
+
+def run_cli(
+    cwd: Path, given: dict[str, str] | None, *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    """``content-retry ARGUMENTS`` in a new process, with nothing configured but ``given``."""
     return subprocess.run(
         [sys.executable, "-m", "content_retry_local.cli", *arguments],
         cwd=cwd,
-        env=environment,
+        env=cli_environment(given),
         capture_output=True,
         text=True,
         timeout=300,
@@ -171,7 +176,11 @@ def test_serve_answers_real_http_with_the_contract(
     assert request(f"{dev}/retry-tasks/{body['task_id']}", user="u-7")[0] == 404
     status, document = request(anonymous + "/openapi.json")
     assert status == 200
-    assert set(document["paths"]) == {"/roadmaps/{roadmap_id}/retry", "/retry-tasks/{task_id}"}
+    assert set(document["paths"]) == {
+        "/roadmaps/{roadmap_id}/retry",
+        "/roadmaps/{roadmap_id}/retry-plan",
+        "/retry-tasks/{task_id}",
+    }
 
 
 def queue_the_seed_with_c15_throttled(connection: Connection, load_event: Any) -> CountingGenerator:

@@ -167,3 +167,37 @@ def test_the_plan_refuses_what_the_retry_refuses(
     if names is not None:
         assert names in body["message"]
     assert nothing_written(db) == (0, 0)
+
+
+def test_the_command_prints_the_same_plan(
+    connection: Connection,
+    queues: Queues,
+    db: Engine,
+    detect: DetectDependencies,
+    lambda_context: FakeLambdaContext,
+    database_url: str,
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.functional.test_local_runtime import cli_environment
+
+    seed_scenario(connection)
+    connection.commit()
+    _, view = ask(plan_event({"content_types": "tutorial"}), detect, lambda_context)
+
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "content_retry_local.cli", "plan", SEED_ROADMAP_ID),
+            *("--content-types", "tutorial"),
+        ],
+        env=cli_environment({"DATABASE_URL": database_url}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == view
+    assert nothing_written(db) == (0, 0)

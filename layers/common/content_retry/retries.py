@@ -306,8 +306,9 @@ def _log_send(
 # RECORD_EVERY_SECONDS. A crash or the deadline records the rest at once; only
 # a process killed outright leaves up to a group unrecorded (those claims hold
 # for the lease, then their items are planned again). A group's record waits
-# at most RECORD_AT_MOST_SECONDS for the database: one that hangs costs the
-# send that once, not the rest of the invocation's time.
+# at most RECORD_AT_MOST_SECONDS for the database: one that is slow or hangs
+# costs the send that once, not the rest of the invocation's time, and what
+# waits is recorded at the end of the send, within the deadline.
 RECORD_EVERY_CONCEPTS = 1_000
 RECORD_EVERY_SECONDS = 0.5
 RECORD_AT_MOST_SECONDS = 2.0
@@ -317,20 +318,22 @@ class _SendRecorder:
     """Records a task's sends as their batches answer: from its record on, a
     sent item's claim holds while its message waits in the queue.
 
-    The database's first failure ends the recording: the send goes on, and
-    what was not recorded holds for the claim lease only, as after a crash
-    between commit and send. The messages are in the queue by then, so that
-    failure is not the request's: it answers with what was queued (the API's
-    202, or its 503 when nothing was), and the worker takes those messages as
-    any other (it needs no record of the send).
+    A group the database fails to record waits for the last record, at the
+    end of the send; no other group is recorded meanwhile. When the last
+    record fails too, the send is not the request's failure: the messages are
+    in the queue, so it answers with what was queued (the API's 202, or its
+    503 when nothing was), the worker takes those messages as any other (it
+    needs no record of the send), and the claims not recorded hold for the
+    lease only, as after a crash between commit and send.
     """
 
     def __init__(self, engine: Engine, task_id: str) -> None:
+        self._engine = engine
         self._database = BatchConnection(engine)
         self._task_id = task_id
         self._waiting: list[str] = []
         self._oldest = 0.0
-        self._failed = False
+        self._group_failed = False
         self.transactions = 0
 
     def sent(self, concept_ids: list[str]) -> None:
@@ -341,30 +344,30 @@ class _SendRecorder:
         due = len(self._waiting) >= RECORD_EVERY_CONCEPTS or (
             time.monotonic() - self._oldest >= RECORD_EVERY_SECONDS
         )
-        if due:
-            with deadlines.applied(_at_most(RECORD_AT_MOST_SECONDS)):
-                self.flush()
+        if due and not self._group_failed:
+            try:
+                with deadlines.applied(_at_most(RECORD_AT_MOST_SECONDS)):
+                    self._record()
+            except DATABASE_ERRORS as exc:
+                self._group_failed = True
+                logger.warning(
+                    "retry_sends_record_deferred",
+                    extra={"task_id": self._task_id, "error": clip_error(repr(exc))},
+                )
 
     def flush(self, unsent: dict[str, str] | None = None) -> int | None:
         """Record the sent concepts waiting, and release the claims of ``unsent``
-        (concept id -> why), in one transaction.
+        (concept id -> why), in one transaction, within the deadline in force.
 
         Returns the number of items released, or None when the database failed
-        or ran out of time, now or earlier, and this was not recorded.
+        or ran out of time and nothing of this was recorded.
         """
-        if self._failed:
-            return None
-        if not self._waiting and not unsent:
-            return 0
+        if self._database.unavailable is not None:  # a group's record tripped it
+            self._database.close()
+            self._database = BatchConnection(self._engine)
         try:
-            with self._database.transaction() as connection:
-                ledger.mark_sent(connection, self._task_id, self._waiting)
-                released = 0
-                if unsent:
-                    first_error = next(iter(unsent.values()))
-                    released = ledger.release_unsent(connection, self._task_id, unsent, first_error)
+            return self._record(unsent)
         except DATABASE_ERRORS as exc:
-            self._failed = True
             logger.error(
                 "retry_sends_unrecorded",
                 extra={
@@ -375,6 +378,16 @@ class _SendRecorder:
                 },
             )
             return None
+
+    def _record(self, unsent: dict[str, str] | None = None) -> int:
+        if not self._waiting and not unsent:
+            return 0
+        with self._database.transaction() as connection:
+            ledger.mark_sent(connection, self._task_id, self._waiting)
+            released = 0
+            if unsent:
+                first_error = next(iter(unsent.values()))
+                released = ledger.release_unsent(connection, self._task_id, unsent, first_error)
         self.transactions += 1
         self._waiting = []
         return released

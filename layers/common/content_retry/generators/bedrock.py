@@ -258,14 +258,7 @@ class BedrockGenerator:
         """The tokens Bedrock reserves against the quota when this call starts:
         its input tokens (estimated from the request's text, generously) plus
         ``maxTokens``."""
-        request = converse_request(
-            self._model_id,
-            concept,
-            content_type,
-            preferences,
-            output=self._output,
-            max_tokens=self._max_tokens,
-        )
+        request = self._request(concept, content_type, preferences, self._max_tokens)
         chars = len(json.dumps(request, ensure_ascii=False))
         return chars // _PROMPT_CHARS_PER_TOKEN + self._max_tokens
 
@@ -316,7 +309,22 @@ class BedrockGenerator:
         max_tokens: int,
     ) -> tuple[dict[str, Any], Usage]:
         """One Converse call with this output budget: the answer and what it cost."""
-        request = converse_request(
+        response = self._converse(self._request(concept, content_type, preferences, max_tokens))
+        usage = Usage(
+            input_tokens=int(response.get("usage", {}).get("inputTokens", 0)),
+            output_tokens=int(response.get("usage", {}).get("outputTokens", 0)),
+            throttled_attempts=self._throttles.take(),
+        )
+        return response, usage
+
+    def _request(
+        self,
+        concept: Concept,
+        content_type: ContentType,
+        preferences: Preferences,
+        max_tokens: int,
+    ) -> dict[str, Any]:
+        return converse_request(
             self._model_id,
             concept,
             content_type,
@@ -324,13 +332,6 @@ class BedrockGenerator:
             output=self._output,
             max_tokens=max_tokens,
         )
-        response = self._converse(request)
-        usage = Usage(
-            input_tokens=int(response.get("usage", {}).get("inputTokens", 0)),
-            output_tokens=int(response.get("usage", {}).get("outputTokens", 0)),
-            throttled_attempts=self._throttles.take(),
-        )
-        return response, usage
 
     def _converse(self, request: dict[str, Any]) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError
