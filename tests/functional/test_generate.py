@@ -7,6 +7,7 @@ the detect function from the seed's plan, the event JSON of events/.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -562,7 +563,17 @@ def test_two_tasks_saving_one_concept_at_once_save_one_version(
                 content=content,
             )
             in_flight.set()
-            done.wait(0.5)  # the worker's insert now waits on this transaction
+            # Committed only once the worker's insert waits on this transaction
+            # (a lock wait), so the two saves really meet, however slow the machine.
+            deadline = time.monotonic() + 20
+            while not done.is_set() and time.monotonic() < deadline:
+                with db.connect() as watcher:
+                    waiting = watcher.execute(
+                        text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                    ).scalar_one()
+                if waiting:
+                    break
+                time.sleep(0.02)
 
     thread = threading.Thread(target=first_save)
     thread.start()

@@ -992,3 +992,17 @@ def test_the_translated_template_keeps_the_rules() -> None:
     translated, _ = translate("dev")
 
     assert set(translated["Rules"]) == set(load_template()["Rules"])
+
+
+def test_api_gateway_routes_every_operation_the_api_serves() -> None:
+    # Every path and method of the API's OpenAPI document (generated from the
+    # code) is an Api event of the function behind API Gateway, and no other.
+    document = json.loads((REPO_ROOT / "docs" / "openapi.json").read_text())
+    served = {(path, method.lower()) for path, item in document["paths"].items() for method in item}
+    events = resource("ApiFunction")["Properties"]["Events"].values()
+    routed = {
+        (event["Properties"]["Path"], event["Properties"]["Method"].lower())
+        for event in events
+        if event["Type"] == "Api"
+    }
+    assert routed == served
