@@ -25,6 +25,7 @@ from content_retry import api
 from content_retry.database import build_engine
 from content_retry.retries import DatabaseNotAnsweringError, DetectDependencies
 from content_retry.settings import Settings
+from content_retry_local.faults import ClockContext
 from content_retry_local.seed import (
     SEED_ROADMAP_ID,
     ConceptSeed,
@@ -33,22 +34,10 @@ from content_retry_local.seed import (
     single_module_framework,
 )
 from functions.detect.app import lambda_handler
-from tests.conftest import FakeLambdaContext, Queues
+from tests.conftest import Queues
 from tests.support import FlakySqs, detect_deps, load_event
 
 UNKNOWN_TASK = "9b2c0f4e-3d1a-4c55-9a8e-2f6d7c1b5a90"
-
-
-class RunningDownContext(FakeLambdaContext):
-    """A Lambda context whose remaining time runs down with the real clock."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self._ends = time.monotonic() + seconds
-
-    def get_remaining_time_in_millis(self) -> int:  # type: ignore[override]
-        return max(0, int((self._ends - time.monotonic()) * 1000))
 
 
 class StallingDatabase:
@@ -191,7 +180,7 @@ ROUTES = {"POST retry": retry_event, "GET task": task_event}
 
 
 def call(
-    event: dict[str, Any], context: FakeLambdaContext, deps: DetectDependencies
+    event: dict[str, Any], context: ClockContext, deps: DetectDependencies
 ) -> tuple[dict[str, Any], float]:
     """The handler's answer (nothing may escape it) and the seconds it took."""
     started = time.monotonic()
@@ -252,9 +241,9 @@ def test_a_hanging_database_gets_a_503_before_the_deadline(
     if bound == "api cap":
         monkeypatch.setattr(api, "API_AT_MOST_SECONDS", 2.0)
         monkeypatch.setattr(api, "API_RESERVE_SECONDS", 1.0)
-        context, limit = RunningDownContext(8.0), 2.0
+        context, limit = ClockContext(8.0), 2.0
     else:
-        context, limit = RunningDownContext(3.0), 3.0
+        context, limit = ClockContext(3.0), 3.0
 
     # WHEN a signed-in user calls the route
     response, elapsed = call(ROUTES[route](), context, deps)
@@ -274,7 +263,7 @@ def test_a_refused_connection_gets_a_503_at_once(
     deps = detect_deps(
         engines(f"postgresql://postgres@127.0.0.1:{_refused_port()}/postgres"), queues.sqs
     )
-    context = RunningDownContext(8.0)
+    context = ClockContext(8.0)
 
     response, elapsed = call(ROUTES[route](), context, deps)
 
@@ -297,12 +286,12 @@ def test_a_database_that_stops_answering_before_the_commit_leaves_nothing_claime
         seed_scenario(connection)
     proxy = stalling(_upstream_of(database_url))
     deps = detect_deps(engines(_through(database_url, proxy.port)), queues.sqs)
-    first, _ = call(task_event(), RunningDownContext(8.0), deps)
+    first, _ = call(task_event(), ClockContext(8.0), deps)
     assert first["statusCode"] == 404
 
     # WHEN the database stops answering, and the owner asks for the retry
     proxy.hang()
-    response, elapsed = call(retry_event(), RunningDownContext(8.0), deps)
+    response, elapsed = call(retry_event(), ClockContext(8.0), deps)
 
     # THEN a 503 before the deadline, and nothing claimed or queued...
     print(f"\nhang before commit: 503 after {elapsed:.2f}s (bound {short_api_deadline:.0f}s)")
@@ -311,7 +300,7 @@ def test_a_database_that_stops_answering_before_the_commit_leaves_nothing_claime
     assert ledger_rows(db) == (0, 0)
     assert queues.depth() == 0
     # ...so the next request, once the database answers, plans all 21 at once
-    again, _ = call(retry_event(), RunningDownContext(8.0), detect_deps(db, queues.sqs))
+    again, _ = call(retry_event(), ClockContext(8.0), detect_deps(db, queues.sqs))
     assert (again["statusCode"], json.loads(again["body"])["retried_count"]) == (202, 21)
 
 
@@ -347,7 +336,7 @@ def test_a_database_that_stops_answering_after_the_send_answers_what_was_queued(
     deps = detect_deps(engines(_through(database_url, proxy.port)), sqs)
 
     # WHEN the owner asks for the retry
-    response, elapsed = call(retry_event(), RunningDownContext(8.0), deps)
+    response, elapsed = call(retry_event(), ClockContext(8.0), deps)
     body = json.loads(response["body"])
 
     # THEN the answer says what was queued, before the deadline
@@ -379,7 +368,7 @@ def test_a_database_that_stops_answering_after_the_send_answers_what_was_queued(
         assert body["task_id"]
         assert queues.depth() == 21
     # AND while the claims are live, nothing is planned twice
-    again, _ = call(retry_event(), RunningDownContext(8.0), detect_deps(db, queues.sqs))
+    again, _ = call(retry_event(), ClockContext(8.0), detect_deps(db, queues.sqs))
     assert (again["statusCode"], json.loads(again["body"])["retried_count"]) == (200, 0)
 
 
@@ -392,7 +381,7 @@ def test_a_direct_invoke_raises_a_clear_error_before_its_time_runs_out(
     deps = detect_deps(
         engines(f"postgresql://postgres@127.0.0.1:{server.port}/postgres"), queues.sqs
     )
-    context = RunningDownContext(3.0)
+    context = ClockContext(3.0)
     started = time.monotonic()
 
     with pytest.raises(DatabaseNotAnsweringError, match="invoke again later"):
@@ -413,7 +402,7 @@ def test_the_sweep_raises_a_clear_error_before_its_time_runs_out(
     deps = detect_deps(
         engines(f"postgresql://postgres@127.0.0.1:{server.port}/postgres"), queues.sqs
     )
-    context = RunningDownContext(3.0)
+    context = ClockContext(3.0)
     started = time.monotonic()
 
     with pytest.raises(DatabaseNotAnsweringError, match="the sweep stopped"):
@@ -450,7 +439,7 @@ def test_a_sweep_the_database_stops_answering_midway_stops_there_in_time(
     deps = detect_deps(engines(_through(database_url, proxy.port)), sqs)
     # a roadmap is started with 1 s left (not 10): the short budget lets it start
     deps.settings = deps.settings.model_copy(update={"sweep_reserve_seconds": 1})
-    context = RunningDownContext(4.0)
+    context = ClockContext(4.0)
     started = time.monotonic()
 
     # WHEN the schedule fires
