@@ -54,9 +54,8 @@ from benchmarks.harness import (
 )
 from content_retry.content_types import ALL_CONTENT_TYPES, ContentType
 from content_retry.database import build_engine
-from content_retry.plan import build_retry_plan
-from content_retry.plan.judge import _state_query
-from content_retry.roadmaps import lock_roadmap
+from content_retry.plan.build import build_retry_plan
+from content_retry.repositories.roadmaps import item_states_query, lock_roadmap
 
 ID = "B1"
 WHAT = "judge: statements per roadmap, time vs one hand-written query, growth"
@@ -193,7 +192,7 @@ def _statements_with_a_repair(engine: Engine, roadmap_id: str) -> int:
 def _breakdown(engine: Engine, roadmap_id: str, judge_seconds: float, rounds: int) -> None:
     """Where the judge's time goes beyond the hand-written query: its lock, its
     state query alone (rows fetched, no Python plan), and the rest (Python)."""
-    state_query = _state_query(ALL_CONTENT_TYPES)
+    state_query = item_states_query(ALL_CONTENT_TYPES)
     params = {"roadmap_id": roadmap_id, "lease_minutes": LEASE_MINUTES, "retention_minutes": 5760}
 
     def lock() -> None:

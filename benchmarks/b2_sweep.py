@@ -1,6 +1,6 @@
 """B2: the sweep's candidate query over 10,000 and over 100,000 roadmaps, 100 needing work.
 
-What it measures: the time of ``content_retry.sweep._SWEEP_CANDIDATES`` (the
+What it measures: the time of ``content_retry.repositories.roadmaps.SWEEP_CANDIDATES`` (the
 only part of ``sweep`` whose cost could follow the table's size: every
 roadmap it returns is then planned by the judge, B1, at a cost that depends
 on that roadmap alone) with the sweep's own parameters, on two databases
@@ -31,8 +31,9 @@ from sqlalchemy import Engine, text
 
 from benchmarks.harness import BenchEnv, Result, alternate, analyze, ms, say, settings_for
 from content_retry.database import build_engine
+from content_retry.repositories.roadmaps import SWEEP_CANDIDATES
 from content_retry.settings import Settings
-from content_retry.sweep import _SWEEP_CANDIDATES
+from content_retry_local.explain import explain
 
 ID = "B2"
 WHAT = "sweep candidates: 100k roadmaps vs 10k, the same 100 needing work"
@@ -106,7 +107,7 @@ def _candidates(engine: Engine, settings: Settings, *, index_scans: bool = True)
             connection.execute(text("SET LOCAL enable_bitmapscan = off"))
         return list(
             connection.execute(
-                _SWEEP_CANDIDATES,
+                SWEEP_CANDIDATES,
                 {
                     "grace_minutes": settings.sweep_grace_minutes,
                     "lease_minutes": settings.claim_lease_minutes,
@@ -119,16 +120,15 @@ def _candidates(engine: Engine, settings: Settings, *, index_scans: bool = True)
 
 def _uses_partial_index(engine: Engine, settings: Settings) -> bool:
     with engine.connect() as connection:
-        plan = "\n".join(
-            connection.execute(
-                text(f"EXPLAIN {_SWEEP_CANDIDATES.text}"),
-                {
-                    "grace_minutes": settings.sweep_grace_minutes,
-                    "lease_minutes": settings.claim_lease_minutes,
-                    "retention_minutes": settings.queue_retention_minutes,
-                    "limit": NEEDING_WORK,
-                },
-            ).scalars()
+        plan = explain(
+            connection,
+            SWEEP_CANDIDATES,
+            {
+                "grace_minutes": settings.sweep_grace_minutes,
+                "lease_minutes": settings.claim_lease_minutes,
+                "retention_minutes": settings.queue_retention_minutes,
+                "limit": NEEDING_WORK,
+            },
         )
     return "roadmap_metadata_sweep_candidates" in plan
 

@@ -38,11 +38,12 @@ from sqlalchemy import Engine
 from benchmarks.b3_save import BATCH_SIZE, sqs_events
 from benchmarks.data import add_lost_tutorials_roadmap
 from benchmarks.harness import BenchEnv, Result, quiet_powertools, say, settings_for
-from content_retry import ledger
 from content_retry.database import build_engine
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, messages_for_plan
-from content_retry.plan import RetryPlan, build_retry_plan
+from content_retry.plan import RetryPlan
+from content_retry.plan.build import build_retry_plan
+from content_retry.repositories import tasks
 from content_retry.worker import WorkerDependencies, handle_retry_batch
 from content_retry_local.pgbouncer import PgBouncer, find_pgbouncer
 from content_retry_local.template import create_queues
@@ -122,7 +123,7 @@ class Worker:
     def prepare(self, engine: Engine) -> None:
         """A new task over the worker's plan, as SQS events (untimed)."""
         with engine.begin() as connection:
-            task_id = ledger.create_task(connection, self.plan, trigger="invoke", preferences={})
+            task_id = tasks.create_task(connection, self.plan, trigger="invoke", preferences={})
         bodies = [m.to_body() for m in messages_for_plan(task_id, self.plan, Preferences())]
         self.events = sqs_events(bodies, BATCH_SIZE)
 

@@ -283,7 +283,7 @@ def settings_for(url: str, **extra: str) -> Any:
     """The functions' Settings for a database URL (queue URLs as given)."""
     from content_retry.settings import Settings
 
-    return Settings(DATABASE_URL=url, **extra)
+    return Settings.from_environ({"DATABASE_URL": url, **extra})
 
 
 def analyze(engine: Engine) -> None:

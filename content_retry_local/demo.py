@@ -21,13 +21,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TextIO
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, bindparam, delete, func, select
 
 from content_retry.concepts import Concept
 from content_retry.content_types import ContentType
 from content_retry.generators import ContentGenerator, Generation
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, RetryMessage
+from content_retry.tables import content_tables, roadmap_metadata
 from content_retry_local.bedrock_server import LocalBedrock
 from content_retry_local.environment import LocalEnvironment
 from content_retry_local.lambda_runtime import (
@@ -46,7 +47,18 @@ from content_retry_local.seed import (
 )
 from content_retry_local.sessions import EngineSessions
 
-CONTENT_TABLES = ("tutorials", "resource_recommendations", "quizzes")
+CONTENT_TABLES = tuple(table.name for table in content_tables.values())
+# Each content table's latest rows of the demo's roadmap, counted by status.
+_LATEST_BY_STATUS = {
+    table.name: select(table.c.content_status, func.count().label("n"))
+    .where(table.c.roadmap_id == bindparam("r"), table.c.is_latest)
+    .group_by(table.c.content_status)
+    for table in content_tables.values()
+}
+_FRAMEWORK = select(roadmap_metadata.c.framework_data).where(
+    roadmap_metadata.c.roadmap_id == bindparam("r")
+)
+_DELETE_ROADMAP = delete(roadmap_metadata).where(roadmap_metadata.c.roadmap_id == bindparam("r"))
 
 # The query a user would run to see the repair (printed, not executed), with
 # `content-retry sql --demo` (the demo's database) or psql.
@@ -119,21 +131,14 @@ class Demo:
         counts: dict[str, dict[str, int]] = {}
         with self.engine.connect() as connection:
             for table in CONTENT_TABLES:
-                rows = connection.execute(
-                    text(
-                        f"SELECT content_status, count(*) AS n FROM {table} "  # noqa: S608 - constant names  # nosec B608
-                        "WHERE roadmap_id = :r AND is_latest GROUP BY content_status"
-                    ),
-                    {"r": SEED_ROADMAP_ID},
-                ).all()
+                rows = connection.execute(_LATEST_BY_STATUS[table], {"r": SEED_ROADMAP_ID}).all()
                 counts[table] = {row.content_status: row.n for row in rows}
         return counts
 
     def framework(self) -> dict[str, Any]:
         with self.engine.connect() as connection:
             framework: dict[str, Any] = connection.execute(
-                text("SELECT framework_data FROM roadmap_metadata WHERE roadmap_id = :r"),
-                {"r": SEED_ROADMAP_ID},
+                _FRAMEWORK, {"r": SEED_ROADMAP_ID}
             ).scalar_one()
         return framework
 
@@ -353,9 +358,7 @@ def _run_demo(
 
     # 1. The seed, fresh each run (the demo's roadmap only: nothing else is touched).
     with engine.begin() as connection:
-        connection.execute(
-            text("DELETE FROM roadmap_metadata WHERE roadmap_id = :r"), {"r": SEED_ROADMAP_ID}
-        )
+        connection.execute(_DELETE_ROADMAP, {"r": SEED_ROADMAP_ID})
         scenario = seed_scenario(connection, other_failures=True)
     # Its own moto server, started empty: nothing to purge, nothing anyone else's.
     demo.check(
@@ -384,7 +387,7 @@ def _run_demo(
     say()
 
     # 2. The old rule against the judge (planned in a transaction that is rolled back).
-    from content_retry.plan import build_retry_plan
+    from content_retry.plan.build import build_retry_plan
 
     old = old_status_only_rule(framework, "content_status")
     with engine.connect() as connection:

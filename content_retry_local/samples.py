@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 from content_retry.content_types import ContentType
-from content_retry.plan import build_retry_plan
+from content_retry.plan.build import build_retry_plan
 from content_retry_local.seed import (
     SEED_ROADMAP_ID,
     SEED_USER_ID,

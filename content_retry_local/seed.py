@@ -6,14 +6,15 @@ Rows are written naming only the contract's columns, as the platform writes them
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, func, insert, null
 
 from content_retry.content_types import STORAGE, ContentType, PayloadFormat
+from content_retry.tables import content_tables, payload_column, roadmap_metadata
 
 SEED_ROADMAP_ID = "agent-performance-optimization-x5y9z2q8"
 SEED_USER_ID = "u-42"
@@ -154,19 +155,16 @@ def insert_roadmap(
     age_minutes: int = 0,
 ) -> None:
     """Insert a roadmap row; ``age_minutes`` backdates created_at/updated_at."""
+    written_at = func.now() - timedelta(minutes=age_minutes)
     connection.execute(
-        text(
-            "INSERT INTO roadmap_metadata (roadmap_id, user_id, title, framework_data, created_at, "
-            "updated_at) VALUES (:roadmap_id, :user_id, :title, CAST(:framework AS jsonb), "
-            "now() - make_interval(mins => :age), now() - make_interval(mins => :age))"
-        ),
-        {
-            "roadmap_id": roadmap_id,
-            "user_id": user_id,
-            "title": title,
-            "framework": json.dumps(framework_data),
-            "age": age_minutes,
-        },
+        insert(roadmap_metadata).values(
+            roadmap_id=roadmap_id,
+            user_id=user_id,
+            title=title,
+            framework_data=framework_data,
+            created_at=written_at,
+            updated_at=written_at,
+        )
     )
 
 
@@ -181,28 +179,24 @@ def insert_content_row(
     is_latest: bool = True,
 ) -> None:
     """Insert one content row as the platform would (content filled when completed)."""
-    storage = STORAGE[content_type]
-    payload = (
-        json.dumps([])
-        if storage.payload_format is PayloadFormat.JSON
+    payload: object = (
+        []
+        if STORAGE[content_type].payload_format is PayloadFormat.JSON
         else f"# {concept_id}\n\nSaved by the platform."
     )
     connection.execute(
-        text(
-            f"INSERT INTO {storage.table} (roadmap_id, concept_id, title, "  # noqa: S608  # nosec B608
-            f"{storage.payload_column}, content_status, content_version, is_latest) VALUES "
-            f"(:roadmap_id, :concept_id, :title, CAST(:payload AS {storage.payload_sql_type}), "
-            ":status, :version, :is_latest)"
-        ),
-        {
-            "roadmap_id": roadmap_id,
-            "concept_id": concept_id,
-            "title": concept_id,
-            "payload": payload if status == "completed" else None,
-            "status": status,
-            "version": version,
-            "is_latest": is_latest,
-        },
+        insert(content_tables[content_type]).values(
+            {
+                "roadmap_id": roadmap_id,
+                "concept_id": concept_id,
+                "title": concept_id,
+                # SQL NULL until completed (not a JSON null).
+                payload_column(content_type): payload if status == "completed" else null(),
+                "content_status": status,
+                "content_version": version,
+                "is_latest": is_latest,
+            }
+        )
     )
 
 

@@ -13,16 +13,16 @@ import pytest
 from moto import mock_aws
 from sqlalchemy import Connection, make_url, text
 
-from content_retry.content_store import _save_statement
 from content_retry.content_types import STORAGE, ContentType
 from content_retry.database import build_engine
-from content_retry.database.driver import remembering
 from content_retry.database.engine import (
     iam_connect_params,
     normalise_database_url,
     secret_connect_params,
 )
+from content_retry.repositories.content_versions import save_statement
 from content_retry.settings import Settings, SettingsError
+from content_retry_local.explain import explain
 from tests.conftest import REPO_ROOT
 
 
@@ -71,19 +71,18 @@ def test_the_save_numbers_versions_from_an_index_not_a_table_scan(
     # every save. Scans are priced out, so a missing index shows as a Seq Scan.
     connection.execute(text("SET LOCAL enable_seqscan = off"))
     params = {
-        "task_id": "00000000-0000-0000-0000-000000000001",
-        "concept_id": "c",
-        "content_type": content_type.value,
-        "roadmap_id": "r",
-        "user_id": "u",
-        "title": "t",
+        "task": "00000000-0000-0000-0000-000000000001",
+        "concept": "c",
+        "item_type": content_type.value,
+        "roadmap": "r",
+        "owner": "u",
+        "version_title": "t",
         "payload": "{}",
-        "llm_calls": 0,
-        "input_tokens": 0,
-        "output_tokens": 0,
+        "added_llm_calls": 0,
+        "added_input_tokens": 0,
+        "added_output_tokens": 0,
     }
-    explain = text(f"EXPLAIN {_save_statement(content_type).text}")  # nosec B608 - ours
-    plan = "\n".join(row[0] for row in connection.execute(explain, params))
+    plan = explain(connection, save_statement(content_type), params)
 
     table = STORAGE[content_type].table
     assert f"Seq Scan on {table}" not in plan, plan
@@ -254,79 +253,3 @@ def test_importing_the_handlers_opens_no_connection_and_creates_no_client() -> N
     # THEN nothing was created: import succeeds without a reachable database or AWS
     assert run.returncode == 0, run.stderr
     assert "clean import" in run.stdout
-
-
-TRICKY_STATEMENTS = [
-    "SELECT %s",
-    "SELECT '%%s is not a parameter', %s",
-    "SELECT E'it\\'s %s', %s -- a comment with %s\n, %s",
-    'SELECT "odd %s name" FROM t WHERE a = %s AND b LIKE %s',
-    "SELECT $$ %s inside dollars $$, %s, 10 %% 3",
-    "SELECT x::text FROM t WHERE y = %s",
-]
-
-
-@pytest.mark.parametrize("statement", TRICKY_STATEMENTS)
-def test_remembered_conversions_are_pg8000s_own(statement: str) -> None:
-    from pg8000.dbapi import convert_paramstyle
-
-    remembered = remembering(convert_paramstyle)
-    args = ("a", 1, None)
-
-    # THEN the first and the remembered answers are pg8000's, parameters passed as given
-    assert remembered("format", statement, args) == convert_paramstyle("format", statement, args)
-    assert remembered("format", statement, args) == convert_paramstyle("format", statement, args)
-
-
-def test_each_statement_text_is_scanned_once_and_bad_ones_fail_every_time() -> None:
-    from pg8000.dbapi import convert_paramstyle
-    from pg8000.exceptions import InterfaceError
-
-    scans: list[str] = []
-
-    def counting(style: str, query: str, args: Any) -> tuple[str, Any]:
-        scans.append(style)
-        converted: tuple[str, Any] = convert_paramstyle(style, query, args)
-        return converted
-
-    remembered = remembering(counting)
-
-    # WHEN the same text runs with different parameters, and other styles pass through
-    first = remembered("format", "SELECT %s, %s", (1, 2))
-    second = remembered("format", "SELECT %s, %s", (3, 4))
-    named = remembered("named", "SELECT :a", {"a": 5})
-
-    # THEN the text was scanned once; each call got its own parameters
-    assert (first, second) == (("SELECT $1, $2", (1, 2)), ("SELECT $1, $2", (3, 4)))
-    assert named == ("SELECT $1", (5,))
-    assert scans == ["format", "named"]
-    # and a text pg8000 rejects is rejected every time (errors are not remembered)
-    for _ in range(2):
-        with pytest.raises(InterfaceError, match="Only %s and %% are supported"):
-            remembered("format", "SELECT %d", (1,))
-
-
-def test_the_engine_remembers_conversions_and_still_binds_each_calls_values(
-    database_url: str,
-) -> None:
-    import pg8000.legacy
-
-    # GIVEN an engine (which installs the remembered conversion, once however many engines)
-    engine = build_engine(Settings(DATABASE_URL=database_url))
-    build_engine(Settings(DATABASE_URL=database_url)).dispose()
-    conversion = pg8000.legacy.convert_paramstyle
-    assert getattr(conversion, "remembered", False)
-    statement = text("SELECT CAST(:a AS text) || '-%' || CAST(:b AS int)  /* remembered */")
-
-    # WHEN one statement text runs with different values
-    with engine.connect() as connection:
-        results = [
-            connection.execute(statement, {"a": a, "b": b}).scalar_one()
-            for a, b in [("x", 1), ("y", 2), ("z", 3)]
-        ]
-    engine.dispose()
-
-    # THEN each call bound its own values, from one remembered text
-    assert results == ["x-%1", "y-%2", "z-%3"]
-    assert pg8000.legacy.convert_paramstyle is conversion
-    assert conversion.cache_info().hits >= 2

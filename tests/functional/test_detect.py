@@ -543,13 +543,13 @@ def test_sweep_finds_its_candidates_through_the_partial_index(connection: Connec
     _seed_sweep_roadmaps(connection, total=1000, needing_work=10, young=0)
     # autovacuum keeps statistics current in production; here, right after the load
     connection.execute(text("ANALYZE"))
-    from content_retry.sweep import _SWEEP_CANDIDATES
+    from content_retry.repositories.roadmaps import SWEEP_CANDIDATES
+    from content_retry_local.explain import explain
 
-    plan = "\n".join(
-        connection.execute(
-            text(f"EXPLAIN {_SWEEP_CANDIDATES.text}"),
-            {"grace_minutes": 30, "lease_minutes": 60, "retention_minutes": 5760, "limit": 50},
-        ).scalars()
+    plan = explain(
+        connection,
+        SWEEP_CANDIDATES,
+        {"grace_minutes": 30, "lease_minutes": 60, "retention_minutes": 5760, "limit": 50},
     )
 
     assert "roadmap_metadata_sweep_candidates" in plan, plan

@@ -24,8 +24,9 @@ from botocore.exceptions import ClientError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
-from content_retry import api, ledger, queue
+from content_retry import api, queue
 from content_retry.queue import OutgoingMessage, send_retry_messages
+from content_retry.repositories import claims
 from content_retry.retries import DetectDependencies, start_retry
 from content_retry_local.seed import ConceptSeed, build_framework, insert_roadmap
 from functions.detect.app import lambda_handler
@@ -510,7 +511,7 @@ def test_a_group_the_database_fails_to_record_is_recorded_at_the_end(
     # fails the first group's record
     add_roadmap(db, concepts(2_500))
     sqs = SqsAnsweringIn(queues.sqs)
-    mark_sent = ledger.mark_sent
+    mark_sent = claims.mark_sent
     calls: list[int] = []
 
     def failing_once(connection: Connection, task_id: str, concept_ids: list[str]) -> None:
@@ -519,7 +520,7 @@ def test_a_group_the_database_fails_to_record_is_recorded_at_the_end(
             raise OperationalError("UPDATE retry_items", {}, ConnectionResetError("reset"))
         mark_sent(connection, task_id, concept_ids)
 
-    monkeypatch.setattr(ledger, "mark_sent", failing_once)
+    monkeypatch.setattr(claims, "mark_sent", failing_once)
 
     # WHEN the retry is sent
     assert retry(detect_deps(db, sqs)) == 2_500

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from content_retry.plan import build_retry_plan
+from content_retry.plan.build import build_retry_plan
 from content_retry_local.http_api import DOCS_CSP, api_gateway_event, make_server
 from content_retry_local.lambda_runtime import invoke
 from content_retry_local.postgres import psql_executable, running_server

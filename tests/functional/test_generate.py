@@ -517,8 +517,8 @@ def test_two_tasks_saving_one_concept_at_once_save_one_version(
 ) -> None:
     import threading
 
-    from content_retry.content_store import save_item
-    from content_retry.ledger import ItemKey
+    from content_retry.repositories.claims import ItemKey
+    from content_retry.repositories.content_versions import save_item
     from content_retry.retries import start_retry
 
     # GIVEN c11's tutorial planned by two tasks (the first one's claim expired)

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import Connection, text
 
 from content_retry.content_types import STORAGE, ContentType, UnknownContentTypeError
-from content_retry.plan import RoadmapNotFoundError, build_retry_plan
+from content_retry.plan import RoadmapNotFoundError
+from content_retry.plan.build import build_retry_plan
 from content_retry_local.seed import (
     ConceptSeed,
     insert_content_row,

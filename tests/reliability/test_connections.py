@@ -21,11 +21,11 @@ import pytest
 from moto import mock_aws
 from sqlalchemy import make_url
 
-from content_retry import ledger
 from content_retry.database import build_engine
 from content_retry.generators.template import TemplateGenerator
 from content_retry.messages import Preferences, messages_for_plan
-from content_retry.plan import build_retry_plan
+from content_retry.plan.build import build_retry_plan
+from content_retry.repositories import tasks
 from content_retry.settings import Settings
 from content_retry.worker import WorkerDependencies, handle_retry_batch
 from content_retry_local.lambda_runtime import sqs_record
@@ -109,7 +109,7 @@ def prepare_work(server: Server, tag: str) -> list[list[dict[str, Any]]]:
             insert_roadmap(connection, roadmap_id, f"u-{number}", single_module_framework(concepts))
         with engine.begin() as connection:
             plan = build_retry_plan(connection, roadmap_id, ["tutorial"])
-            task_id = ledger.create_task(connection, plan, trigger="invoke", preferences={})
+            task_id = tasks.create_task(connection, plan, trigger="invoke", preferences={})
         bodies = [m.to_body() for m in messages_for_plan(task_id, plan, Preferences())]
         work.append(
             [

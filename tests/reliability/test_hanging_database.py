@@ -191,13 +191,15 @@ def tutorial_rows(db: Engine, concepts: list[str]) -> dict[str, list[tuple[int, 
 def sessions_in_a_save(db: Engine) -> list[tuple[str, str]]:
     """Sessions still in a save: busy or in a transaction, their last statement a
     save (state, statement). Idle pooled sessions whose last statement was a
-    finished save are not."""
+    finished save are not. pg_stat_activity keeps only the statement's first
+    kilobyte (track_activity_query_size), so the save is known by its first
+    step: marking the ledger item succeeded."""
     with db.connect() as connection:
         rows = connection.execute(
             text(
                 "SELECT state, query FROM pg_stat_activity "
                 "WHERE pid <> pg_backend_pid() AND state <> 'idle' "
-                "AND query LIKE '%INSERT INTO tutorials%'"
+                "AND query LIKE '%UPDATE retry_items SET status=''succeeded''%'"
             )
         ).all()
     return [(row.state, row.query) for row in rows]

@@ -786,14 +786,11 @@ def _backticked(text: str) -> set[str]:
     return set(re.findall(r"`([^`\n]+)`", text))
 
 
-def _sql_tables(package: Path = PACKAGE) -> set[str]:
-    """The tables the code's SQL names (FROM, JOIN, INTO, UPDATE)."""
-    tables: set[str] = set()
-    for path in package.rglob("*.py"):
-        tables |= set(
-            re.findall(r"\b(?:FROM|JOIN|INTO|UPDATE)\s+([a-z_]+)", path.read_text(encoding="utf-8"))
-        )
-    return tables
+def _sql_tables() -> set[str]:
+    """The tables the code reads and writes: the schema's one declaration."""
+    from content_retry.tables import metadata
+
+    return set(metadata.tables)
 
 
 def _dead_letter_reasons(package: Path = PACKAGE) -> set[str]:

@@ -1,20 +1,24 @@
 """Alembic's environment for the pipeline's own tables.
 
-Run only through :func:`content_retry_local.schema.upgrade`, which hands over
-the connection (and so the schema it works in); the version table is the
-pipeline's own, so a platform that uses Alembic for its tables keeps its own.
+Run only through :mod:`content_retry_local.schema` (``upgrade``, ``check``),
+which hands over the connection (and so the schema it works in) and the
+metadata to compare with; the version table is the pipeline's own, so a
+platform that uses Alembic for its tables keeps its own.
 """
 
 from __future__ import annotations
 
 from alembic import context
 
-from content_retry_local.schema import VERSION_TABLE
+from content_retry.tables import metadata
+from content_retry_local.schema import COMPARE_OPTIONS, VERSION_TABLE
 
 context.configure(
     connection=context.config.attributes["connection"],
+    target_metadata=context.config.attributes.get("target_metadata", metadata),
     version_table=VERSION_TABLE,
     transaction_per_migration=True,
+    **COMPARE_OPTIONS,
 )
 with context.begin_transaction():
     context.run_migrations()

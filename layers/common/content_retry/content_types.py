@@ -1,10 +1,5 @@
-"""The kinds of learning content, and where each one lives (DESIGN §3).
-
-This is the one declaration of a content type's storage: the schema, the
-save, the judge, the sweep and the ledger derive their tables, columns and
-status keys from :data:`STORAGE`. Adding a content type means a member here,
-its generated model (``generated.py``) and what the generators write for it.
-"""
+"""The kinds of learning content and where each lives (DESIGN §3): the one
+declaration the tables, the save, the judge and the sweep derive from."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""One deadline for a whole invocation (DESIGN §12).
-
-Every stage of an invocation (a database statement, an LLM call, a queue
-send) gets at most the time the Lambda context says is left, less a reserve
-kept to answer. The handler sets the deadline once (:func:`applied`); the
-database engine reads it on every connect and statement, so no caller has
-to pass it down.
-"""
+"""One deadline per invocation (DESIGN §12): the Lambda context's time left, less a
+reserve, bounds every statement, LLM call and queue send."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""A batch's records as the worker takes them: parsed, deduplicated, started in the
-ledger, and what each still needs (generation, or the content it carries).
-
-Starting every item of the batch in one statement, before any LLM call,
-counts an attempt and renews each claim, and tells which items need no
-generation (ended for their task, or completed by someone else meanwhile).
-"""
+"""The worker's parse stage: a batch's records as retry messages, deduplicated,
+and what each still needs once started (generation, or saving the content it brings)."""
 
 from __future__ import annotations
 
@@ -15,17 +10,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from content_retry import ledger
 from content_retry.content_types import ContentType
 from content_retry.costs import ItemCost, costs_from_text
-from content_retry.database import DATABASE_ERRORS, BatchConnection
 from content_retry.generated import ContentModel
 from content_retry.generation import ItemToGenerate, MessageRequest
-from content_retry.ledger import DeliveredItem, ItemKey, StartedItem
 from content_retry.messages import RetryMessage
-from content_retry.observability import logger
 from content_retry.queue import PAID_ATTRIBUTE
-from content_retry.statuses import ItemStatus
+from content_retry.repositories.claims import DeliveredItem, ItemKey, StartedItem
 from content_retry.validation import describe_errors
 
 
@@ -40,8 +31,8 @@ class Delivery:
     # (SQS delivered it twice at once): acknowledged without an LLM call.
     duplicate: bool = False
     started: dict[ContentType, StartedItem] = field(default_factory=dict)
-    # What a dead-letter copy says its carried content cost (its ``paid`` attribute).
-    carried_costs: dict[ContentType, ItemCost] = field(default_factory=dict)
+    # What a dead-letter copy says its generated content cost (its ``paid`` attribute).
+    provided_costs: dict[ContentType, ItemCost] = field(default_factory=dict)
 
     @property
     def not_planned(self) -> list[ContentType]:
@@ -49,8 +40,8 @@ class Delivery:
         return [ct for ct, item in self.started.items() if item.status_before is None]
 
     @property
-    def ended_items(self) -> list[ContentType]:
-        """Items ended for their task already (a redelivery, or saved by someone else)."""
+    def finished_items(self) -> list[ContentType]:
+        """Items finished for their task already (a redelivery, or saved by someone else)."""
         return [ct for ct, item in self.started.items() if item.already_done]
 
     @property
@@ -59,25 +50,25 @@ class Delivery:
         return [
             ct
             for ct, item in self.started.items()
-            if not item.already_done and item.busy_seconds is None
+            if not item.already_done and item.hold_seconds_left is None
         ]
 
     @property
-    def busy_seconds(self) -> float | None:
+    def hold_seconds_left(self) -> float | None:
         """How long another live delivery still holds one of the items (None: none does)."""
-        held = [item.busy_seconds for item in self.started.values() if item.busy_seconds]
+        held = [item.hold_seconds_left for item in self.started.values() if item.hold_seconds_left]
         return max(held) if held else None
 
     def items_to_generate(self) -> list[ItemToGenerate]:
-        """Open items the message carries no content for (nor content set aside)."""
-        carried = self.message.generated if self.message is not None else None
+        """Open items the message brings no generated content for (usable or rejected)."""
+        provided = self.message.generated if self.message is not None else None
         return [
             ItemToGenerate(content_type, item.llm_calls)
             for content_type, item in self.started.items()
             if content_type in self.open_items
             and (
-                carried is None
-                or (carried.get(content_type) is None and content_type not in carried.unusable)
+                provided is None
+                or (provided.get(content_type) is None and content_type not in provided.unusable)
             )
         ]
 
@@ -95,11 +86,11 @@ class Delivery:
 
     def request(self, message_id: str) -> MessageRequest | None:
         """What to generate for this record (possibly nothing, when it only
-        carries content to save); None when it has nothing left to do."""
+        brings content to save); None when it has nothing left to do."""
         message = self.message
         assert message is not None
         to_generate = self.items_to_generate()
-        if not to_generate and not self.carried_content() and not self.carried_unusable():
+        if not to_generate and not self.provided_content() and not self.unusable_provided_content():
             return None
         return MessageRequest(
             message_id,
@@ -110,31 +101,32 @@ class Delivery:
             to_generate,
         )
 
-    def carried_content(self) -> dict[ContentType, ContentModel]:
-        """The content a (re-driven) message carries for its open items: saved
+    def provided_content(self) -> dict[ContentType, ContentModel]:
+        """The generated content a (re-driven) message brings for its open items: saved
         without an LLM call."""
-        carried = self.message.generated if self.message is not None else None
-        if carried is None:
+        provided = self.message.generated if self.message is not None else None
+        if provided is None:
             return {}
         return {
             content_type: content
             for content_type in self.open_items
-            if (content := carried.get(content_type)) is not None
+            if (content := provided.get(content_type)) is not None
         }
 
-    def carried_unusable(self) -> dict[ContentType, str]:
-        """Open items whose carried content cannot be used: each fails for good.
+    def unusable_provided_content(self) -> dict[ContentType, str]:
+        """Open items whose generated content in the message cannot be used: each fails
+        permanently.
 
         Content the database cannot store fails the same way however often it is
         tried (or re-driven); the message's other items are saved all the same.
         """
-        carried = self.message.generated if self.message is not None else None
-        if carried is None:
+        provided = self.message.generated if self.message is not None else None
+        if provided is None:
             return {}
         open_items = self.open_items
         return {
-            content_type: f"the content carried in the message cannot be used: {reason}"
-            for content_type, reason in carried.unusable.items()
+            content_type: f"the generated content in the message cannot be used: {reason}"
+            for content_type, reason in provided.unusable.items()
             if content_type in open_items
         }
 
@@ -145,12 +137,20 @@ class Deliveries:
     # Set when the items could not be started: every record must come back.
     start_failed: str | None = None
 
+    def record_started(self, started: Mapping[ItemKey, StartedItem]) -> None:
+        """Give each delivery its items as the ledger started them."""
+        for delivery in self.by_message_id.values():
+            if delivery.message is not None and not delivery.duplicate:
+                delivery.started = {
+                    key.content_type: started[key] for key in item_keys(delivery.message)
+                }
+
 
 def read_message(body: str) -> RetryMessage:
     """A record's body as a retry message.
 
     Parsed by Python's JSON reader, which (unlike pydantic's) reads an unpaired
-    surrogate escape into the string: content carrying one is then set aside
+    surrogate escape into the string: content holding one is then rejected
     as unusable by itself, instead of making the whole message unreadable.
 
     Raises:
@@ -170,14 +170,14 @@ def _delivered_items(
     message: RetryMessage, message_id: str | None, receives: int
 ) -> list[DeliveredItem]:
     """A message's items as this delivery names them (key, roadmap, owner,
-    content carried, the SQS message and its receive count)."""
-    carried = message.generated
+    generated content brought, the SQS message and its receive count)."""
+    provided = message.generated
     return [
         DeliveredItem(
             key,
             message.roadmap_id,
             message.user_id,
-            carries_content=carried is not None and carried.get(key.content_type) is not None,
+            has_content=provided is not None and provided.get(key.content_type) is not None,
             message_id=message_id,
             receive_count=receives,
         )
@@ -198,19 +198,16 @@ def item_keys(message: RetryMessage) -> list[ItemKey]:
     ]
 
 
-def prepare_deliveries(
-    database: BatchConnection, records: Sequence[dict[str, Any]], *, delivery_seconds: float = 900
-) -> Deliveries:
-    """Parse every record's body, then start every item of the batch in one statement,
-    held for this delivery for ``delivery_seconds`` (the invocation's time)."""
+def parse_deliveries(records: Sequence[dict[str, Any]]) -> tuple[Deliveries, list[DeliveredItem]]:
+    """Parse every record's body; returns the batch's deliveries and the items to
+    start, one entry per item (the same item in two messages is started once)."""
     deliveries = Deliveries({})
-    # One entry per item (the same item in two messages is started once); a
-    # copy carrying the item's content wins, as it need not wait its turn.
+    # A dead-letter copy with content wins: it need not wait for another delivery.
     items: dict[tuple[ItemKey, str, str], DeliveredItem] = {}
     for record in records:
         delivery = deliveries.by_message_id[record.get("messageId", "")] = Delivery()
         paid = (record.get("messageAttributes") or {}).get(PAID_ATTRIBUTE) or {}
-        delivery.carried_costs = costs_from_text(paid.get("stringValue"))
+        delivery.provided_costs = costs_from_text(paid.get("stringValue"))
         try:
             delivery.message = read_message(record.get("body") or "")
         except ValueError as exc:
@@ -218,7 +215,7 @@ def prepare_deliveries(
             continue
         receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
         delivered = _delivered_items(delivery.message, record.get("messageId"), receives)
-        # A copy carrying generated content is never dropped for another.
+        # A dead-letter copy with content is never dropped for another.
         if delivery.message.generated is None and all(
             (item.key, item.roadmap_id, item.user_id) in items for item in delivered
         ):
@@ -226,55 +223,6 @@ def prepare_deliveries(
             continue
         for item in delivered:
             known = items.get((item.key, item.roadmap_id, item.user_id))
-            if known is None or item.carries_content:
+            if known is None or item.has_content:
                 items[(item.key, item.roadmap_id, item.user_id)] = item
-    try:
-        with database.transaction() as connection:
-            started = ledger.start_items(
-                connection, list(items.values()), delivery_seconds=delivery_seconds
-            )
-    except DATABASE_ERRORS as exc:
-        logger.exception("retry_batch_start_failed", extra={"items": len(items)})
-        deliveries.start_failed = f"database unavailable: {exc!r}"
-        return deliveries
-    for delivery in deliveries.by_message_id.values():
-        if delivery.message is not None and not delivery.duplicate:
-            delivery.started = {
-                key.content_type: started[key] for key in item_keys(delivery.message)
-            }
-    return deliveries
-
-
-def note_outcomes(
-    database: BatchConnection,
-    message: RetryMessage,
-    notes: Mapping[ContentType, tuple[ItemStatus, str]],
-    costs: Mapping[ItemKey, ItemCost],
-    *,
-    content_kept_minutes: int | None = None,
-) -> None:
-    """Note a message's items' outcomes and what their calls cost, if the
-    database lets us: the message (returned or dead-lettered) stays the record
-    of truth, and a note that cannot be written is left for a later delivery.
-
-    Args:
-        content_kept_minutes: the message's content waits in the dead-letter
-            queue that long: its dead-lettered items stay claimed meanwhile.
-    """
-    by_type = {key.content_type: key for key in item_keys(message)}
-    owner = {"roadmap_id": message.roadmap_id, "user_id": message.user_id}
-    try:
-        with database.transaction() as connection:
-            for content_type, (status, error) in notes.items():
-                if content_type in by_type:
-                    ledger.record_outcomes(
-                        connection,
-                        [by_type[content_type]],
-                        status=status,
-                        error=error,
-                        content_kept_minutes=content_kept_minutes,
-                        **owner,
-                    )
-            ledger.add_costs(connection, costs, **owner)
-    except DATABASE_ERRORS:
-        logger.warning("retry_ledger_not_updated")
+    return deliveries, list(items.values())

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from content_retry.content_types import ContentType
+from content_retry.repositories.claims import recent_paid_calls
 
 # Tokens (input, output) of one call until the ledger has recorded paid calls of
 # that type: a concept's prompt with the content's schema, and an answer of the
@@ -24,16 +25,6 @@ DEFAULT_TOKENS_PER_CALL: dict[ContentType, tuple[float, float]] = {
 }
 # The recent paid calls of a content type the averages are taken over.
 RECENT_CALLS = 500
-
-_RECORDED_TOKENS = text(
-    "SELECT w.content_type, sum(r.llm_calls) AS calls, sum(r.input_tokens) AS input_tokens, "
-    "sum(r.output_tokens) AS output_tokens "
-    "FROM unnest(CAST(:content_types AS text[])) AS w(content_type) "
-    "CROSS JOIN LATERAL (SELECT llm_calls, input_tokens, output_tokens FROM retry_items "
-    "  WHERE content_type = w.content_type AND llm_calls > 0 "
-    "  ORDER BY updated_at DESC LIMIT :recent) AS r "
-    "GROUP BY w.content_type"
-)
 
 
 @dataclass(frozen=True)
@@ -52,16 +43,11 @@ def tokens_per_call(
     """Average (input, output) tokens of one call per content type: the ledger's
     recent paid calls, or the default where it has none."""
     averages = dict(DEFAULT_TOKENS_PER_CALL)
-    rows = connection.execute(
-        _RECORDED_TOKENS,
-        {"content_types": [ct.value for ct in content_types], "recent": RECENT_CALLS},
-    )
-    for row in rows:
-        if row.calls:
-            averages[ContentType(row.content_type)] = (
-                row.input_tokens / row.calls,
-                row.output_tokens / row.calls,
-            )
+    for content_type, paid in recent_paid_calls(connection, content_types, RECENT_CALLS).items():
+        averages[content_type] = (
+            paid.input_tokens / paid.llm_calls,
+            paid.output_tokens / paid.llm_calls,
+        )
     return averages
 
 

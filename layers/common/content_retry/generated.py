@@ -1,10 +1,5 @@
-"""Generated content, per content type (DESIGN §9).
-
-The same shapes come out of a generator, travel in a dead-lettered message's
-``generated`` field, and are saved into the platform's tables: each model
-says what goes in its row's ``title`` and payload column
-(:class:`~content_retry.content_types.ContentStorage`).
-"""
+"""Generated content per content type (DESIGN §9): what a generator returns, a
+dead-letter copy holds in ``generated``, and the save writes into the tables."""
 
 from __future__ import annotations
 
@@ -121,7 +116,7 @@ class GeneratedContent(_Content):
     """What was generated for one concept's items, keyed by content type.
 
     Content that is not valid (say it holds what PostgreSQL cannot store) does
-    not make the whole message unreadable: it is set aside in :attr:`unusable`
+    not make the whole message unreadable: it is rejected into :attr:`unusable`
     with the reason, so only its own item fails and the others are saved.
     """
 

@@ -1,18 +1,5 @@
-"""Generating a batch's items, concurrently and paced, and sorting what went wrong.
-
-Needs no database and no queue of its own: the quota's pace comes through a
-:class:`CallPacer` and the reasons to stop calling through a callback. Every
-item is one LLM call; the calls run at once through a bounded pool of threads,
-each message's result coming back as soon as its items are done. An item is:
-
-- generated, with what the call cost;
-- failed permanently, with its reason: an error of the item's own (content
-  filtered, an answer cut at ``maxTokens`` twice), or an answer that was not
-  valid content on its :data:`MALFORMED_OUTPUT_CALLS`-th LLM call;
-- to try later with its record: an error that may pass, the quota (paced or
-  throttled: with a short delay), a configuration fault, or no time or no
-  database left. Such an item was not paid for, or its cost is reported.
-"""
+"""Generating a batch's items: concurrent, paced by the shared quota, each item
+ending generated, failed permanently, or to try later (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -392,7 +379,7 @@ class BatchGeneration:
             outcome = self._traced_call(message.request, item)
         if isinstance(outcome, TryLater):
             self._note_try_later(outcome.error)
-            if not isinstance(outcome.error, ThrottledError):  # that one may wait its turn here
+            if not isinstance(outcome.error, ThrottledError):  # that one may wait for the pace here
                 with message.lock:
                     message.try_later = message.try_later or outcome.error
         return outcome

@@ -1,10 +1,5 @@
-"""The retry plan before paying for it: ``GET /roadmaps/{id}/retry-plan`` and
-``content-retry plan`` (DESIGN §6).
-
-The retry's own judge, run without claiming, sending or writing anything, and
-what the plan would cost (:mod:`content_retry.estimates`): a retry right after
-plans exactly ``retry_count`` items.
-"""
+"""The retry plan before paying for it (``GET /roadmaps/{id}/retry-plan``,
+``content-retry plan``): the retry's own judge, nothing written, with an estimate."""
 
 from __future__ import annotations
 
@@ -14,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from content_retry.content_types import ContentType
 from content_retry.estimates import estimate, tokens_per_call
-from content_retry.plan import build_retry_plan
+from content_retry.plan.build import build_retry_plan
 from content_retry.plan.models import Reason
 from content_retry.retries import DetectDependencies
 

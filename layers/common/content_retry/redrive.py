@@ -1,17 +1,5 @@
-"""The automatic re-drive: paid content back from the dead-letter queue (DESIGN §12).
-
-A copy dead-lettered with its generated content keeps its items claimed, so
-nothing plans them again; it only needs the database to answer for its save.
-The schedule's sweep, having just used the database, moves such copies back
-to the retry queue, where the worker saves them without calling the LLM.
-
-Only copies carrying content move: SQS's ``StartMessageMoveTask`` (what the
-operator's ``content-retry redrive`` uses) moves every message, and a
-message dead-lettered for itself (not a valid message, never planned) would
-come straight back, every sweep, for ever. So the move is receive, send,
-delete, one message at a time: sent before it is deleted (a crash between
-duplicates a copy, which the ledger deduplicates; none is lost).
-"""
+"""The automatic re-drive: dead-letter copies with content back to the retry queue,
+one at a time, so copies dead-lettered for themselves stay (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -33,8 +21,8 @@ MAX_RECEIVES = 50
 NOT_REDRIVEN_REASONS = frozenset({"not_planned", "invalid_message"})
 
 
-def carries_content(body: str) -> bool:
-    """Whether a message body carries generated content (a copy a re-drive saves)."""
+def has_generated_content(body: str) -> bool:
+    """Whether a message body holds generated content (a copy a re-drive saves)."""
     try:
         return RetryMessage.model_validate_json(body).generated is not None
     except ValueError:
@@ -45,7 +33,7 @@ def _redriven(message: dict[str, Any]) -> bool:
     """Whether the sweep moves this dead-letter copy back: it carries content
     that a save can still use."""
     reason = (message.get("MessageAttributes") or {}).get("reason", {}).get("StringValue")
-    return reason not in NOT_REDRIVEN_REASONS and carries_content(message["Body"])
+    return reason not in NOT_REDRIVEN_REASONS and has_generated_content(message["Body"])
 
 
 def redrive_content(

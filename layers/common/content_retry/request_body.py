@@ -1,12 +1,5 @@
-"""A request body read safely, before any JSON parser sees it (API Gateway proxy events).
-
-Everything API Gateway can hand over gets an answer instead of an exception:
-base64 that is not, bytes that are not UTF-8, text with an unpaired surrogate
-(which no UTF-8 can carry), JSON nested deeper than any request needs (the
-parser would recurse until Python stops it), numbers longer than any request
-needs (Python refuses to convert more than 4,300 digits), and bodies over the
-size a retry request can have.
-"""
+"""A request body read safely, before any JSON parser sees it: every body API Gateway
+can hand over (bad base64 or UTF-8, deep nesting, huge numbers, oversize) gets an answer."""
 
 from __future__ import annotations
 

@@ -16,13 +16,15 @@ from uuid import UUID
 
 from sqlalchemy import Engine
 
-from content_retry import deadlines, ledger
+from content_retry import deadlines
 from content_retry.database import DATABASE_ERRORS, BatchConnection
 from content_retry.messages import Preferences, message_for_concept
 from content_retry.observability import logger, metrics
-from content_retry.plan import RetryPlan, build_retry_plan
+from content_retry.plan import RetryPlan
+from content_retry.plan.build import build_retry_plan
 from content_retry.plan.models import Reason
 from content_retry.queue import OutgoingMessage, SendResult, send_retry_messages
+from content_retry.repositories import claims, tasks
 from content_retry.settings import Settings
 from content_retry.validation import clip_error
 
@@ -108,9 +110,11 @@ def default_detect_dependencies() -> DetectDependencies:
     """The process's engine, SQS client and settings, created on first use."""
     from content_retry.aws import client
     from content_retry.database import get_engine
-    from content_retry.settings import get_settings
+    from content_retry.settings import get_detect_settings
 
-    return DetectDependencies(engine=get_engine(), sqs=client("sqs"), settings=get_settings())
+    # First, so a function missing a variable fails naming it.
+    settings = get_detect_settings()
+    return DetectDependencies(engine=get_engine(), sqs=client("sqs"), settings=settings)
 
 
 def start_retry(
@@ -159,7 +163,7 @@ def start_retry(
         )
         task_id = None
         if plan.item_count:
-            task_id = ledger.create_task(
+            task_id = tasks.create_task(
                 connection, plan, trigger=trigger, preferences=preferences.model_dump()
             )
             # One message is built before the commit: a roadmap no message can
@@ -300,7 +304,7 @@ def _log_send(
     )
 
 
-# Sent concepts are recorded in the ledger (ledger.mark_sent) a group at a
+# Sent concepts are recorded in the ledger (claims.mark_sent) a group at a
 # time, on the calling thread's connection while the next batches are in
 # flight: once RECORD_EVERY_CONCEPTS wait, or the oldest has waited
 # RECORD_EVERY_SECONDS. A crash or the deadline records the rest at once; only
@@ -383,11 +387,11 @@ class _SendRecorder:
         if not self._waiting and not unsent:
             return 0
         with self._database.transaction() as connection:
-            ledger.mark_sent(connection, self._task_id, self._waiting)
+            claims.mark_sent(connection, self._task_id, self._waiting)
             released = 0
             if unsent:
                 first_error = next(iter(unsent.values()))
-                released = ledger.release_unsent(connection, self._task_id, unsent, first_error)
+                released = tasks.release_unsent(connection, self._task_id, unsent, first_error)
         self.transactions += 1
         self._waiting = []
         return released

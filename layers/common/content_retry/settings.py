@@ -1,18 +1,23 @@
-"""The pipeline's configuration: one model, read from the environment once.
+"""The pipeline's configuration (DESIGN §8), read from the environment with pydantic-settings.
 
-Nothing else in the package reads ``os.environ``; code that needs a setting
-calls :func:`get_settings` (cached), and tests that change the environment call
-``get_settings.cache_clear()``.
+:func:`get_settings` reads the environment once per process; each function checks
+on first use that it holds what that function needs (:func:`get_detect_settings`,
+:func:`get_generate_settings`). Nothing else reads ``os.environ``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from content_retry.validation import describe_errors
 
@@ -28,13 +33,21 @@ class SettingsError(ValueError):
     """The environment does not describe a usable configuration."""
 
 
-class Settings(BaseModel):
-    """Environment variables of DESIGN §8, validated.
+class SharedSettings(BaseSettings):
+    """What every function shares: the database and AWS.
 
-    Field aliases are the environment variable names.
+    Field aliases are the environment variable names; an empty variable is unset.
+    Built with values (``Settings(DATABASE_URL=...)``), a model holds exactly those;
+    :meth:`from_environ` reads an environment.
     """
 
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        frozen=True,
+        populate_by_name=True,
+        extra="ignore",
+        case_sensitive=True,
+        env_ignore_empty=True,
+    )
 
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     db_host: str | None = Field(default=None, alias="DB_HOST")
@@ -43,6 +56,92 @@ class Settings(BaseModel):
     db_user: str | None = Field(default=None, alias="DB_USER")
     db_auth: DbAuth | None = Field(default=None, alias="DB_AUTH")
     db_secret_arn: str | None = Field(default=None, alias="DB_SECRET_ARN")
+
+    aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
+    aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Values given to the constructor are the whole configuration (tests and
+        # local tools never depend on the shell's environment by accident).
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _database_is_described(self) -> Self:
+        if self.database_url or not self.db_auth:
+            return self
+        missing = [
+            name
+            for name, value in (
+                ("DB_HOST", self.db_host),
+                ("DB_NAME", self.db_name),
+                ("DB_USER", self.db_user),
+            )
+            if not value
+        ]
+        if self.db_auth == "secret" and not self.db_secret_arn:
+            missing.append("DB_SECRET_ARN")
+        if missing:
+            raise ValueError(f"DB_AUTH={self.db_auth} also needs {', '.join(missing)}")
+        return self
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """The settings an environment describes: ``environ``, or the process's own
+        (read by pydantic-settings). An empty variable is unset.
+
+        Raises:
+            SettingsError: a variable is missing, or holds a value that is not
+                accepted; the message names the variable and what it accepts.
+        """
+        if environ is None:
+            values: Mapping[str, Any] = EnvSettingsSource(cls)()
+        else:
+            values = {key: value for key, value in environ.items() if value != ""}
+        return cls._validated(values)
+
+    @classmethod
+    def _validated(cls, values: Mapping[str, Any]) -> Self:
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise SettingsError(f"invalid configuration: {_problems(exc)}") from exc
+
+    def require(self, name: str) -> str:
+        """Return a setting that this code path cannot run without.
+
+        Raises:
+            SettingsError: the setting is unset; the message names its variable.
+        """
+        value = getattr(self, name)
+        if not value:
+            alias = type(self).model_fields[name].alias or name.upper()
+            raise SettingsError(f"{alias} is not set")
+        return str(value)
+
+
+def _problems(exc: ValidationError) -> str:
+    """``variable: what it accepts`` per error; an unset variable as ``NAME is not set``."""
+    lines = []
+    for error in exc.errors()[:10]:
+        if error["type"] == "missing" and error["loc"]:
+            lines.append(f"{error['loc'][0]} is not set")
+        elif error["type"] == "value_error" and not error["loc"]:
+            lines.append(str(error["ctx"]["error"]))  # a rule over several variables
+        else:
+            lines.extend(describe_errors([error], whole="environment"))
+    return "; ".join(lines)
+
+
+class Settings(SharedSettings):
+    """Every variable of DESIGN §8, none required: what local tools and tests build."""
 
     retry_queue_url: str | None = Field(default=None, alias="RETRY_QUEUE_URL")
     retry_dlq_url: str | None = Field(default=None, alias="RETRY_DLQ_URL")
@@ -122,62 +221,85 @@ class Settings(BaseModel):
         default=4.0, alias="LLM_PRICE_OUTPUT_USD_PER_MTOK"
     )
 
-    aws_region: str = Field(default="us-east-1", alias="AWS_REGION")
-    aws_endpoint_url: str | None = Field(default=None, alias="AWS_ENDPOINT_URL")
     # botocore's own name for a service's endpoint: a local Bedrock beside moto.
     aws_endpoint_url_bedrock_runtime: str | None = Field(
         default=None, alias="AWS_ENDPOINT_URL_BEDROCK_RUNTIME"
     )
 
+    @classmethod
+    def of(cls, settings: Settings) -> Self:
+        """``settings``' values, checked against this model's requirements.
+
+        Raises:
+            SettingsError: as :meth:`from_environ`.
+        """
+        return cls._validated(settings.model_dump(exclude_unset=True))
+
+
+class _FunctionSettings(Settings):
+    """What a deployed function needs whatever it does: a database."""
+
     @model_validator(mode="after")
-    def _database_is_described(self) -> Settings:
-        if self.database_url or not self.db_auth:
-            return self
-        missing = [
-            name
-            for name, value in (
-                ("DB_HOST", self.db_host),
-                ("DB_NAME", self.db_name),
-                ("DB_USER", self.db_user),
+    def _database_is_given(self) -> Self:
+        if not (self.database_url or self.db_auth):
+            raise ValueError(
+                "DATABASE_URL is not set (nor DB_AUTH=iam|secret with DB_HOST, DB_NAME, DB_USER)"
             )
-            if not value
-        ]
-        if self.db_auth == "secret" and not self.db_secret_arn:
-            missing.append("DB_SECRET_ARN")
-        if missing:
-            raise ValueError(f"DB_AUTH={self.db_auth} also needs {', '.join(missing)}")
         return self
 
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
-        """Build settings from an environment mapping.
 
-        Raises:
-            SettingsError: a variable holds a value that is not accepted; the
-                message names the variable and what it accepts.
-        """
-        # Empty strings mean "unset", as they do for SAM parameters left blank.
-        values = {key: value for key, value in environ.items() if value != ""}
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(describe_errors(exc.errors(), whole="environment"))
-            raise SettingsError(f"invalid configuration: {problems}") from exc
+class DetectSettings(_FunctionSettings):
+    """The detect function's settings: it plans retries and sends their messages."""
 
-    def require(self, name: str) -> str:
-        """Return a setting that this code path cannot run without.
+    retry_queue_url: str = Field(alias="RETRY_QUEUE_URL")
 
-        Raises:
-            SettingsError: the setting is unset; the message names its variable.
-        """
-        value = getattr(self, name)
-        if not value:
-            alias = type(self).model_fields[name].alias or name.upper()
-            raise SettingsError(f"{alias} is not set")
-        return str(value)
+
+class GenerateSettings(_FunctionSettings):
+    """The generate function's settings: it generates, saves, returns records
+    to the retry queue and dead-letters what it cannot save."""
+
+    retry_queue_url: str = Field(alias="RETRY_QUEUE_URL")
+    retry_dlq_url: str = Field(alias="RETRY_DLQ_URL")
+
+    @model_validator(mode="after")
+    def _model_is_named(self) -> Self:
+        if self.content_generator == "bedrock" and not self.bedrock_model_id:
+            raise ValueError("BEDROCK_MODEL_ID is not set (CONTENT_GENERATOR=bedrock needs it)")
+        return self
 
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The settings of this process, read from the environment on first use."""
-    return Settings.from_environ(os.environ)
+    """The settings of this process, read from the environment on first use.
+
+    Tests that change the environment call ``get_settings.cache_clear()``.
+    """
+    return Settings.from_environ()
+
+
+@lru_cache(maxsize=1)
+def _detect_settings(settings: Settings) -> DetectSettings:
+    return DetectSettings.of(settings)
+
+
+@lru_cache(maxsize=1)
+def _generate_settings(settings: Settings) -> GenerateSettings:
+    return GenerateSettings.of(settings)
+
+
+def get_detect_settings() -> DetectSettings:
+    """The process's settings, checked on first use to hold what detect needs.
+
+    Raises:
+        SettingsError: a variable detect needs is unset or invalid (named).
+    """
+    return _detect_settings(get_settings())
+
+
+def get_generate_settings() -> GenerateSettings:
+    """The process's settings, checked on first use to hold what generate needs.
+
+    Raises:
+        SettingsError: a variable generate needs is unset or invalid (named).
+    """
+    return _generate_settings(get_settings())

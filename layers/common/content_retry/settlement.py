@@ -1,12 +1,5 @@
-"""How each record of a batch ends: one typed outcome, carried out on SQS.
-
-A record is acknowledged, returned to the queue (with a delay when it waits
-for the LLM quota), or dead-lettered with its reason and any content already
-paid for. On a record's last delivery a return becomes a dead-letter with its
-reason, since SQS's own redrive would move it without one; except a record
-waiting for the quota, which is not at fault: it goes back to the queue as
-a fresh message, its deliveries counted anew.
-"""
+"""How each record of a batch ends: one typed outcome (acknowledge, return later,
+dead-letter with its reason and content), carried out on SQS."""
 
 from __future__ import annotations
 
@@ -23,7 +16,7 @@ from content_retry.generators import ConfigurationError, ThrottledError
 from content_retry.messages import RetryMessage
 from content_retry.observability import logger, metrics
 from content_retry.queue import DeadLetterError, dead_letter
-from content_retry.redrive import carries_content
+from content_retry.redrive import has_generated_content
 from content_retry.settings import Settings
 from content_retry.statuses import ItemStatus
 
@@ -65,7 +58,7 @@ RecordOutcome = Acknowledge | ReturnLater | DeadLetter
 Notes = dict[ContentType, tuple[ItemStatus, str]]
 
 
-def unsaved_copy(
+def dead_letter_copy(
     message: RetryMessage,
     open_items: list[ContentType],
     to_save: Mapping[ContentType, ContentModel],
@@ -114,7 +107,7 @@ class Settlement:
         self._settings = settings
 
     def dead_letter(self, outcome: DeadLetter) -> RecordOutcome:
-        """Send to the DLQ; a refused send returns the record, keeping what it carried."""
+        """Send to the DLQ; a refused send returns the record, keeping its content."""
         try:
             dead_letter(
                 self._sqs,
@@ -132,7 +125,7 @@ class Settlement:
             extra={"reason": outcome.reason, "generated": outcome.generated},
         )
         metrics.add_metric(name="ItemsDeadLettered", unit="Count", value=outcome.items)
-        return Acknowledge(content_in_dlq=carries_content(outcome.body))
+        return Acknowledge(content_in_dlq=has_generated_content(outcome.body))
 
     def delay(self, record: dict[str, Any], seconds: float) -> None:
         """Make a returned record visible again after ``seconds``, not the whole
@@ -173,7 +166,7 @@ class Settlement:
     ) -> tuple[RecordOutcome, Notes]:
         """A record going back to the queue, and the notes for its items; on its
         last delivery it is dead-lettered with its reason instead (or requeued
-        fresh, when only its turn held it back: the quota, another delivery)."""
+        fresh, when only the quota or another delivery held it back)."""
         logger.warning("retry_record_returned", extra={"error": repr(outcome.error)})
         receives = int((record.get("attributes") or {}).get("ApproximateReceiveCount") or 1)
         delay = outcome.delay_seconds
@@ -186,7 +179,7 @@ class Settlement:
         if waits_its_turn(error) and self.requeue(body, delay or THROTTLED_DELAY_SECONDS):
             return Acknowledge(), notes
         detail = f"{receives} deliveries, the last one: {error}"
-        # What this delivery could not dead-letter (a copy carrying content) goes first.
+        # What this delivery could not dead-letter (a dead-letter copy with content) goes first.
         paid = getattr(error, "paid", None)
         for candidate in dict.fromkeys([getattr(error, "body", body), body]):
             dead = DeadLetter(candidate, last_delivery_reason(error), detail, paid=paid)

@@ -1,11 +1,5 @@
-"""The states things are in, each vocabulary its own type.
-
-"failed" means different things in different places: a content row that
-failed (the platform's ``content_status``), a concept's status in
-``framework_data``, a ledger item that ended failed for its task, and the
-reason an item was planned. Each has its own enum, so one is never taken
-for another.
-"""
+"""The states things are in, each vocabulary its own enum ("failed" means four
+different things: a content row, a framework status, a ledger item, a plan reason)."""
 
 from __future__ import annotations
 
@@ -34,14 +28,14 @@ class ItemStatus(StrEnum):
     QUEUED = "queued"  # planned and claimed; its message is on the queue
     RUNNING = "running"  # a worker started it (an attempt was counted)
     SUCCEEDED = "succeeded"  # its content was saved for this task (or by someone else)
-    FAILED = "failed"  # ended without content, for good, with its reason
+    FAILED = "failed"  # failed permanently, without content, with its reason
     DEAD_LETTERED = "dead_lettered"  # its message is in the dead-letter queue
 
 
 # A ledger item in one of these states holds a claim on its item (DESIGN §4).
 CLAIMING_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.QUEUED, ItemStatus.RUNNING)
 # An item in one of these states is done for its task: never generated again.
-ENDED_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.SUCCEEDED, ItemStatus.FAILED)
+TERMINAL_STATUSES: tuple[ItemStatus, ...] = (ItemStatus.SUCCEEDED, ItemStatus.FAILED)
 
 
 class TaskStatus(StrEnum):

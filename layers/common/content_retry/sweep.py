@@ -1,10 +1,5 @@
-"""The schedule sweep: which roadmaps need work, planned by the one judge, as many as time allows.
-
-Only roadmaps untouched for the grace period are considered (the platform may
-still be generating younger ones). Candidates come from partial indexes that
-hold only the roadmaps with work, so a run's cost follows that number, not
-the size of the tables; the judge then decides each roadmap's items.
-"""
+"""The schedule sweep: roadmaps untouched for the grace period that need work,
+planned by the one judge, as many as the invocation's time allows."""
 
 from __future__ import annotations
 
@@ -12,82 +7,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
-
-from content_retry import deadlines, ledger
-from content_retry.claims import live_claim
-from content_retry.content_types import STORAGE
+from content_retry import deadlines
 from content_retry.database import DATABASE_ERRORS
 from content_retry.database.engine import trips_breaker
 from content_retry.observability import logger, metrics, traced
 from content_retry.plan import RoadmapNotFoundError
 from content_retry.redrive import redrive_content
+from content_retry.repositories import claims, roadmaps
 from content_retry.retries import DatabaseNotAnsweringError, DetectDependencies, start_retry
 from content_retry.settings import SettingsError
-from content_retry.statuses import ContentStatus, FrameworkStatus, ItemStatus
 from content_retry.validation import clip_error
-
-# Roadmaps whose framework_data shows some item not completed (a missing or null
-# status counts). Only the sweep's candidate filter: the judge still decides
-# from the tables. It is also the predicate of the partial index
-# roadmap_metadata_sweep_candidates (content-retry db upgrade creates it from
-# this text), which keeps the index as small as the number of roadmaps with
-# work; the query below repeats this exact text, which is what lets PostgreSQL
-# use the index.
-SWEEP_CANDIDATE_PREDICATE = (
-    "jsonb_path_exists(framework_data, '$.stages[*].modules[*].concepts[*] ? ("
-    + " || ".join(
-        f'!(@.{storage.status_key} == "{FrameworkStatus.COMPLETED}")'
-        for storage in STORAGE.values()
-    )
-    + ")')"
-)
-
-# The second source: roadmaps whose latest row is not completed, whatever
-# framework_data says. Each source reads roadmap_metadata through an index (the
-# partial one, or the primary key from the few unfinished rows), never the whole table.
-_UNFINISHED_LATEST = "\n  UNION\n".join(
-    f"  SELECT r.roadmap_id, r.updated_at FROM {storage.table} AS t "  # noqa: S608  # nosec B608
-    "JOIN roadmap_metadata AS r USING (roadmap_id) "
-    f"WHERE t.is_latest AND t.content_status <> '{ContentStatus.COMPLETED}' "
-    "AND r.updated_at < now() - make_interval(mins => :grace_minutes)"
-    for storage in STORAGE.values()
-)
-_SWEEP_CANDIDATES = text(
-    f"""
-WITH candidates AS (
-  SELECT roadmap_id, updated_at FROM roadmap_metadata
-  WHERE {SWEEP_CANDIDATE_PREDICATE}
-    AND updated_at < now() - make_interval(mins => :grace_minutes)
-  UNION
-{_UNFINISHED_LATEST}
-)
-SELECT c.roadmap_id, count(*) OVER () AS candidates
-FROM candidates AS c
-LEFT JOIN roadmap_sweeps AS s USING (roadmap_id)
-  -- Judged at most once a claim lease, least recently judged first.
-WHERE (s.swept_at IS NULL OR s.swept_at < now() - make_interval(mins => :lease_minutes))
-  -- A roadmap with items waiting in the queue waits too: however deep the
-  -- backlog, its claims hold, and judging it again would find nothing to do.
-  AND NOT EXISTS (
-    SELECT 1 FROM retry_items AS i WHERE i.roadmap_id = c.roadmap_id AND {live_claim("i")})
-  -- A roadmap whose recent task (younger than a claim lease) ended with
-  -- failures waits: an item that keeps failing is not paid for again every run.
-  AND NOT EXISTS (
-    SELECT 1 FROM retry_tasks AS t JOIN retry_items AS i ON i.task_id = t.task_id
-    WHERE t.roadmap_id = c.roadmap_id
-      AND t.created_at > now() - make_interval(mins => :lease_minutes)
-      AND i.status <> '{ItemStatus.SUCCEEDED}')
-ORDER BY s.swept_at NULLS FIRST, c.updated_at
-LIMIT :limit
-"""  # noqa: S608 - constant predicates and table names; values are bound  # nosec B608
-)
-
-_RECORD_SWEPT = text(
-    "INSERT INTO roadmap_sweeps (roadmap_id, swept_at) SELECT :roadmap_id, now() "
-    "WHERE EXISTS (SELECT 1 FROM roadmap_metadata WHERE roadmap_id = :roadmap_id) "
-    "ON CONFLICT (roadmap_id) DO UPDATE SET swept_at = excluded.swept_at"
-)
 
 
 @dataclass
@@ -99,7 +28,7 @@ class SweepOutcome:
     backlog: int = 0
     # Items whose message outlived the queue's retention: failed with why, planned again.
     claims_expired: int = 0
-    # Dead-lettered copies carrying content moved back to the retry queue.
+    # Dead-letter copies with content moved back to the retry queue.
     dead_letters_redriven: int = 0
     task_ids: list[str] = field(default_factory=list)
 
@@ -141,7 +70,7 @@ def sweep(
 ) -> SweepOutcome:
     """Plan the retry of the roadmaps that need work, as many as the invocation's time allows.
 
-    Claims whose messages outlived the queue's retention are ended first (the
+    Claims whose messages outlived the queue's retention are expired first (the
     items are then candidates again). The least recently swept roadmaps go
     first, each at most once a claim lease; planning stops when less than
     ``SWEEP_RESERVE_SECONDS`` are left, and what is left waits for the next
@@ -197,18 +126,16 @@ def _report(outcome: SweepOutcome, error: BaseException | None = None) -> None:
 def _sweep(deps: DetectDependencies, clock: _SampledClock, outcome: SweepOutcome) -> None:
     settings = deps.settings
     with deps.engine.begin() as connection:
-        outcome.claims_expired = ledger.expire_unseen_claims(
+        outcome.claims_expired = claims.expire_claims_past_retention(
             connection, settings.queue_retention_minutes
         )
-        rows = connection.execute(
-            _SWEEP_CANDIDATES,
-            {
-                "grace_minutes": settings.sweep_grace_minutes,
-                "lease_minutes": settings.claim_lease_minutes,
-                "retention_minutes": settings.queue_retention_minutes,
-                "limit": settings.sweep_max_roadmaps,
-            },
-        ).all()
+        rows = roadmaps.sweep_candidates(
+            connection,
+            grace_minutes=settings.sweep_grace_minutes,
+            lease_minutes=settings.claim_lease_minutes,
+            retention_minutes=settings.queue_retention_minutes,
+            limit=settings.sweep_max_roadmaps,
+        )
     # The database answers: content waiting in the dead-letter queue can be saved now.
     outcome.dead_letters_redriven = _redrive_content(deps)
     candidates = [row.roadmap_id for row in rows]
@@ -245,7 +172,7 @@ def _plan_one(deps: DetectDependencies, roadmap_id: str, outcome: SweepOutcome) 
     # Recorded before judging: a roadmap whose planning fails still waits its
     # turn instead of blocking every later run.
     with deps.engine.begin() as connection:
-        connection.execute(_RECORD_SWEPT, {"roadmap_id": roadmap_id})
+        roadmaps.record_swept(connection, roadmap_id)
     try:
         result = start_retry(deps, roadmap_id, trigger="sweep")
     except RoadmapNotFoundError:  # deleted since it was selected

@@ -11,11 +11,11 @@ from collections import Counter
 from uuid import UUID
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
-from content_retry.claims import waiting_for_redrive
 from content_retry.content_types import ContentType
 from content_retry.plan.models import Reason
+from content_retry.repositories.tasks import task_rows
 from content_retry.statuses import CLAIMING_STATUSES, ItemStatus, TaskStatus
 
 
@@ -36,7 +36,7 @@ class TaskCounts(BaseModel):
 class TaskUsage(BaseModel):
     """What the task's LLM calls cost, summed over its items and their attempts.
 
-    Content carried by a re-driven message was paid for once, when it was
+    Generated content in a re-driven message was paid for once, when it was
     generated: saving it adds nothing here.
     """
 
@@ -90,7 +90,8 @@ class TaskView(BaseModel):
 
 def _task_status(statuses: set[ItemStatus]) -> TaskStatus:
     """queued: nothing started; running: some started, some open; completed:
-    every item succeeded; completed_with_failures: all ended, not all well."""
+    every item succeeded; completed_with_failures: none open, some failed or
+    dead-lettered."""
     if not statuses or statuses == {ItemStatus.QUEUED}:
         return TaskStatus.QUEUED
     if statuses & set(CLAIMING_STATUSES):
@@ -100,28 +101,13 @@ def _task_status(statuses: set[ItemStatus]) -> TaskStatus:
     return TaskStatus.COMPLETED_WITH_FAILURES
 
 
-_READ_TASK = text(
-    "SELECT t.task_id, t.roadmap_id, t.user_id, i.concept_id, i.content_type, i.reason, "  # noqa: S608 - a constant predicate; values are bound  # nosec B608
-    "i.status, i.attempts, i.last_error, "
-    f"coalesce({waiting_for_redrive('i')}, false) AS waiting, "
-    "sum(i.llm_calls) OVER () AS llm_calls, sum(i.input_tokens) OVER () AS input_tokens, "
-    "sum(i.output_tokens) OVER () AS output_tokens "
-    "FROM retry_tasks AS t LEFT JOIN retry_items AS i ON i.task_id = t.task_id "
-    "WHERE t.task_id = CAST(:task_id AS uuid) "
-    "ORDER BY i.concept_id, array_position(CAST(:type_order AS text[]), i.content_type)"
-)
-
-
 def read_task(connection: Connection, task_id: str) -> tuple[TaskView, str] | None:
     """A task with all its items and its owner's id, or None when there is no such task.
 
     Raises:
         ValueError: ``task_id`` is not a UUID.
     """
-    rows = connection.execute(
-        _READ_TASK,
-        {"task_id": str(UUID(task_id)), "type_order": [member.value for member in ContentType]},
-    ).all()
+    rows = task_rows(connection, str(UUID(task_id)))
     if not rows:
         return None
     items = [

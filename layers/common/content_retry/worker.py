@@ -1,10 +1,5 @@
-"""The generate function's batch (DESIGN §6, §12): parse → start → generate → save → settle.
-
-Every record ends in one typed outcome (:mod:`content_retry.settlement`), and
-the partial-batch response is built from those. One deadline bounds every
-stage; after the database's first failure the batch does not touch it again
-(generated content goes to the dead-letter queue, the rest back unpaid).
-"""
+"""The generate function's batch (DESIGN §6, §12): parse → start → generate → save →
+settle, each record ending in one typed outcome under one deadline."""
 
 from __future__ import annotations
 
@@ -27,7 +22,7 @@ from content_retry.content_store import save_message
 from content_retry.content_types import ContentType
 from content_retry.costs import ItemCost
 from content_retry.database import DATABASE_ERRORS, BatchConnection
-from content_retry.deliveries import Delivery, item_keys, note_outcomes, prepare_deliveries
+from content_retry.deliveries import Deliveries, Delivery, item_keys, parse_deliveries
 from content_retry.generation import (
     BatchGeneration,
     MessageGeneration,
@@ -35,8 +30,10 @@ from content_retry.generation import (
     NotCalledError,
 )
 from content_retry.generators import ConfigurationError, ContentGenerator
+from content_retry.messages import RetryMessage
 from content_retry.observability import logger, metrics, record_llm_costs, traced
 from content_retry.pacing import pacer_for
+from content_retry.repositories import claims
 from content_retry.settings import Settings
 from content_retry.settlement import (
     Acknowledge,
@@ -46,7 +43,7 @@ from content_retry.settlement import (
     RecordOutcome,
     ReturnLater,
     Settlement,
-    unsaved_copy,
+    dead_letter_copy,
 )
 from content_retry.statuses import ItemStatus
 
@@ -70,10 +67,12 @@ def default_worker_dependencies() -> WorkerDependencies:
     from content_retry.aws import client
     from content_retry.database import get_engine
     from content_retry.generators import get_generator
-    from content_retry.settings import get_settings
+    from content_retry.settings import get_generate_settings
 
+    # First, so a function missing a variable fails naming it.
+    settings = get_generate_settings()
     return WorkerDependencies(
-        engine=get_engine(), sqs=client("sqs"), settings=get_settings(), generator=get_generator()
+        engine=get_engine(), sqs=client("sqs"), settings=settings, generator=get_generator()
     )
 
 
@@ -97,11 +96,7 @@ class RetryBatch:
         for record in event.get("Records") or []:
             self.records.setdefault(record.get("messageId", ""), record)
         with deadlines.applied(self.deadline), self.database:
-            self.deliveries = prepare_deliveries(
-                self.database,
-                list(self.records.values()),
-                delivery_seconds=min(self.deadline.left() + GENERATE_RESERVE_SECONDS, 900),
-            )
+            self.deliveries = self._start()
             requests = [self._route(message_id) for message_id in self.records]
             self._generate([request for request in requests if request is not None])
         record_llm_costs(self.costs)
@@ -112,6 +107,24 @@ class RetryBatch:
                 event=unique, record_handler=self._report, processor=processor, context=self.context
             )
         )
+
+    def _start(self) -> Deliveries:
+        """Parse the records, then start every item of the batch in one statement,
+        before any LLM call: an attempt is counted, each claim renewed and held
+        for this delivery (the invocation's time), and the items that need no
+        generation are told apart (finished for their task, or completed by
+        someone else meanwhile)."""
+        deliveries, items = parse_deliveries(list(self.records.values()))
+        hold_seconds = min(self.deadline.left() + GENERATE_RESERVE_SECONDS, 900)
+        try:
+            with self.database.transaction() as connection:
+                started = claims.start_items(connection, items, delivery_seconds=hold_seconds)
+        except DATABASE_ERRORS as exc:
+            logger.exception("retry_batch_start_failed", extra={"items": len(items)})
+            deliveries.start_failed = f"database unavailable: {exc!r}"
+        else:
+            deliveries.record_started(started)
+        return deliveries
 
     def _report(self, record: SQSRecord) -> None:
         """The record's outcome, as the batch processor takes it: raise to return it."""
@@ -138,12 +151,12 @@ class RetryBatch:
             outcome = DeadLetter(
                 message.to_body(), "not_planned", detail, items=len(delivery.not_planned)
             )
-        elif delivery.busy_seconds is not None:
+        elif delivery.hold_seconds_left is not None:
             held = HeldByAnotherDeliveryError("another live delivery is generating it")
-            outcome = ReturnLater(held, delivery.busy_seconds + 1)
+            outcome = ReturnLater(held, delivery.hold_seconds_left + 1)
             notes = dict.fromkeys(delivery.open_items, (ItemStatus.RUNNING, str(held)))
         else:
-            for content_type in delivery.ended_items:
+            for content_type in delivery.finished_items:
                 logger.info("retry_item_skipped", extra={"content_type": content_type.value})
             request = delivery.request(message_id)
             if request is not None:
@@ -176,10 +189,10 @@ class RetryBatch:
         """Save what one message's generation came to, and settle its record."""
         message = delivery.message
         assert message is not None
-        provided = delivery.carried_content()
+        provided = delivery.provided_content()
         to_save = {**provided, **result.generated}
-        failed = {**delivery.carried_unusable(), **result.failed_permanently}
-        paid = {ct: delivery.carried_costs[ct] for ct in provided if ct in delivery.carried_costs}
+        failed = {**delivery.unusable_provided_content(), **result.failed_permanently}
+        paid = {ct: delivery.provided_costs[ct] for ct in provided if ct in delivery.provided_costs}
         paid |= result.costs
         costs = {k: paid[k.content_type] for k in item_keys(message) if k.content_type in paid}
         logger.info(
@@ -202,7 +215,9 @@ class RetryBatch:
             except DATABASE_ERRORS as exc:
                 metrics.add_metric(name="SaveFailures", unit="Count", value=1)
                 logger.error("retry_item_save_failed", extra={"error": repr(exc)})
-                dead, notes = unsaved_copy(message, delivery.open_items, to_save, failed, paid, exc)
+                dead, notes = dead_letter_copy(
+                    message, delivery.open_items, to_save, failed, paid, exc
+                )
                 # The costs travel with the copy, to the ledger of the save that re-drives it.
                 self._settle(message_id, dead, notes, {})
                 return
@@ -238,7 +253,40 @@ class RetryBatch:
             if message is not None and (notes or costs):
                 kept = isinstance(outcome, Acknowledge) and outcome.content_in_dlq
                 retention = self.deps.settings.dlq_retention_minutes if kept else None
-                note_outcomes(self.database, message, notes, costs, content_kept_minutes=retention)
+                self._note(message, notes, costs, retention)
+
+    def _note(
+        self,
+        message: RetryMessage,
+        notes: Notes,
+        costs: dict[Any, ItemCost],
+        dlq_retention_minutes: int | None,
+    ) -> None:
+        """Note a message's items' outcomes and what their calls cost, if the database
+        lets us: the message (returned or dead-lettered) stays the record of truth,
+        and a note that cannot be written is left for a later delivery.
+
+        Args:
+            dlq_retention_minutes: the message's content waits in the dead-letter
+                queue that long: its dead-lettered items stay claimed meanwhile.
+        """
+        by_type = {key.content_type: key for key in item_keys(message)}
+        owner = {"roadmap_id": message.roadmap_id, "user_id": message.user_id}
+        try:
+            with self.database.transaction() as connection:
+                for content_type, (status, error) in notes.items():
+                    if content_type in by_type:
+                        claims.record_outcomes(
+                            connection,
+                            [by_type[content_type]],
+                            status=status,
+                            error=error,
+                            dlq_retention_minutes=dlq_retention_minutes,
+                            **owner,
+                        )
+                claims.add_costs(connection, costs, **owner)
+        except DATABASE_ERRORS:
+            logger.warning("retry_ledger_not_updated")
 
 
 def handle_retry_batch(

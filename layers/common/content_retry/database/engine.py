@@ -1,12 +1,5 @@
-"""Database access from Lambda (DESIGN §7).
-
-One engine per process, created on first use (never at import, so SnapStart
-snapshots hold no connection), holding at most one connection, pinging it
-before use so a connection the proxy or server dropped is replaced.
-
-Nothing here pins an RDS Proxy session: no session ``SET`` (no
-``isolation_level``), no startup ``options``, no server-side cursors.
-"""
+"""Database access from Lambda (DESIGN §7): one lazily created engine per process,
+one connection, pinged before use; nothing that pins an RDS Proxy session."""
 
 from __future__ import annotations
 
@@ -23,7 +16,6 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError, IntegrityError, SQLAlchemyError
 
 from content_retry import deadlines
-from content_retry.database.driver import remember_statement_conversions
 from content_retry.settings import Settings, SettingsError, get_settings
 
 ConnectParams = dict[str, Any]
@@ -172,7 +164,6 @@ def build_engine(
     Raises:
         SettingsError: the settings describe no database.
     """
-    remember_statement_conversions()
     pool_args: dict[str, Any] = {
         "pool_size": pool_size,
         "max_overflow": 0,

@@ -1,16 +1,5 @@
-"""The ``bedrock`` generator: Amazon Bedrock's Converse API, content checked against its schema.
-
-By default the request offers the model one tool for the content type asked
-for, whose ``inputSchema`` is the content model's JSON schema, and makes the
-model call it (``toolChoice``): the content is the tool call's input, checked
-again by the same pydantic model. For models without tool use, ``output="text"``
-asks for the JSON in the answer's text instead, the schema given in the prompt.
-Either way the shapes come from :data:`content_retry.generated.CONTENT_MODELS`,
-so a new content type needs nothing here.
-
-Each call reports what it cost: the answer's ``usage`` tokens (a malformed
-answer is paid for too) and the attempts botocore saw throttled.
-"""
+"""The ``bedrock`` generator: Amazon Bedrock's Converse API (tool use, or JSON in the
+answer's text), the content checked against its model, each call's cost reported."""
 
 from __future__ import annotations
 

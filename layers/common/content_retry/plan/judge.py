@@ -1,34 +1,17 @@
-"""The one judge (DESIGN §4): what needs retrying, and why.
-
-Every path that starts a retry (the API, the schedule sweep, a direct invoke)
-calls :func:`build_retry_plan`; the generate function never re-decides. The
-rule itself is :func:`judge_item`, a pure function of one item's state; the SQL
-here only gathers that state for a whole roadmap in one round trip.
-"""
+"""The one judge's rule (DESIGN §4), pure: :func:`judge_item` decides one item;
+:func:`plan_from_rows` gathers a roadmap's plan from its items' states."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cache
+from typing import Any
 
-from sqlalchemy import Connection, TextClause, text
-
-from content_retry.claims import live_claim, waiting_for_redrive
 from content_retry.concepts import Concept
-from content_retry.content_types import STORAGE, ContentType, parse_content_types
-from content_retry.observability import logger, traced
-from content_retry.plan.models import ConceptPlan, HeldItem, PlannedItem, Reason, RetryPlan
-from content_retry.roadmaps import array_or_empty, lock_roadmap, patch_concept_statuses
-from content_retry.statuses import (
-    ContentStatus,
-    FrameworkStatus,
-)
-
-
-class RoadmapNotFoundError(LookupError):
-    """The roadmap does not exist, or is not the caller's (the two are not told apart)."""
+from content_retry.content_types import STORAGE, ContentType
+from content_retry.plan.models import ConceptPlan, HeldItem, PlannedItem, Reason
+from content_retry.statuses import ContentStatus, FrameworkStatus
 
 
 class Decision(StrEnum):
@@ -79,160 +62,12 @@ _CLAIMED = Judgement(Decision.CLAIMED)
 _RETRY = {reason: Judgement(Decision.RETRY, reason) for reason in Reason}
 
 
-@cache
-def _state_query(content_types: tuple[ContentType, ...]) -> TextClause:
-    wanted = ", ".join(
-        f"('{content_type.value}', '{STORAGE[content_type].status_key}', {position})"
-        for position, content_type in enumerate(content_types)
-    )
-    # One latest row per concept at most: the unique partial index that db init
-    # creates holds the contract. Table names and keys come from STORAGE.
-    latest = "\nUNION ALL\n".join(
-        f"""SELECT '{content_type.value}' AS content_type, concept_id,
-       content_status AS latest_status
-FROM {STORAGE[content_type].table}
-WHERE roadmap_id = :roadmap_id AND is_latest"""  # noqa: S608 - constants from STORAGE  # nosec B608
-        for content_type in content_types
-    )
-    return text(
-        f"""
-WITH concepts AS (
-  SELECT c.concept, c.concept ->> 'concept_id' AS concept_id,
-         s.stage ->> 'name' AS stage_name, m.module ->> 'name' AS module_name,
-         s.i, m.j, c.k
-  FROM roadmap_metadata AS r
-  CROSS JOIN LATERAL jsonb_array_elements({array_or_empty("r.framework_data -> 'stages'")})
-       WITH ORDINALITY AS s(stage, i)
-  CROSS JOIN LATERAL jsonb_array_elements({array_or_empty("s.stage -> 'modules'")})
-       WITH ORDINALITY AS m(module, j)
-  CROSS JOIN LATERAL jsonb_array_elements({array_or_empty("m.module -> 'concepts'")})
-       WITH ORDINALITY AS c(concept, k)
-  WHERE r.roadmap_id = :roadmap_id
-    AND jsonb_typeof(c.concept) = 'object'
-    AND c.concept ->> 'concept_id' IS NOT NULL
-),
-wanted(content_type, status_key, position) AS (VALUES {wanted}),
-latest AS ({latest}),
-claims AS (
-  SELECT i.concept_id, i.content_type, bool_or({waiting_for_redrive("i")}) AS waiting
-  FROM retry_items AS i
-  WHERE i.roadmap_id = :roadmap_id AND {live_claim("i")}
-  GROUP BY i.concept_id, i.content_type
-)
-SELECT w.content_type, c.concept_id,
-       c.concept ->> 'name' AS name, c.concept ->> 'description' AS description,
-       c.stage_name, c.module_name,
-       c.concept ->> w.status_key AS framework_status,
-       l.latest_status,
-       cl.concept_id IS NOT NULL AS claimed, coalesce(cl.waiting, false) AS waiting
-FROM concepts AS c
-CROSS JOIN wanted AS w
-LEFT JOIN latest AS l ON l.content_type = w.content_type AND l.concept_id = c.concept_id
-LEFT JOIN claims AS cl ON cl.content_type = w.content_type AND cl.concept_id = c.concept_id
--- Only rows judge_item can act on come back: items without a completed latest
--- row, and completed ones whose framework status may need repair. A healthy
--- roadmap returns no rows however large it is.
-WHERE l.latest_status IS DISTINCT FROM '{ContentStatus.COMPLETED}'
-   OR c.concept ->> w.status_key IS NULL
-   OR c.concept ->> w.status_key = '{FrameworkStatus.FAILED}'
-ORDER BY c.i, c.j, c.k, w.position
-"""  # noqa: S608 - constant fragments; values are bound  # nosec B608
-    )
-
-
-def build_retry_plan(
-    connection: Connection,
-    roadmap_id: str,
-    content_types: Iterable[str] | None = None,
-    *,
-    owner: str | None = None,
-    claim_lease_minutes: int = 60,
-    queue_retention_minutes: int = 5_760,
-    preview: bool = False,
-) -> RetryPlan:
-    """Plan the retry of one roadmap: every item that needs it, with its reason.
-
-    Runs in the caller's transaction and issues at most three statements,
-    whatever the roadmap's size: lock the roadmap row, read every item's state,
-    and (only when some framework status disagrees with the tables) repair
-    those statuses. The roadmap stays locked until the caller's transaction
-    ends, so claims written in that transaction are seen by the next planner.
-
-    Args:
-        roadmap_id: the roadmap to plan.
-        content_types: names of the content types to consider; ``None`` for all.
-        owner: when given, the roadmap must belong to this user.
-        claim_lease_minutes: a claim whose message was never sent holds its item
-            back this long after it was planned or started.
-        queue_retention_minutes: a claim whose message was sent holds its item
-            back while the message can still be in the queue.
-        preview: the plan only shown (the retry-plan view): the held items are
-            listed, and nothing is written (no framework status repaired).
-
-    Raises:
-        UnknownContentTypeError: a content type is unknown, or the list is empty.
-        RoadmapNotFoundError: no such roadmap, or it is not ``owner``'s.
-    """
-    with traced("judge", roadmap_id=roadmap_id):
-        return _plan(
-            connection,
-            roadmap_id,
-            parse_content_types(content_types),
-            owner,
-            {"lease_minutes": claim_lease_minutes, "retention_minutes": queue_retention_minutes},
-            preview,
-        )
-
-
-def _plan(
-    connection: Connection,
-    roadmap_id: str,
-    types: tuple[ContentType, ...],
-    owner: str | None,
-    claim_terms: dict[str, int],
-    preview: bool,
-) -> RetryPlan:
-    roadmap = lock_roadmap(connection, roadmap_id)
-    if roadmap is None or (owner is not None and roadmap.user_id != owner):
-        raise RoadmapNotFoundError(roadmap_id)
-
-    rows = connection.execute(
-        _state_query(types),
-        {"roadmap_id": roadmap_id, **claim_terms},
-    )
-
-    judged = _Judged(list_held=preview)
-    # Rows unpacked by position: at 10,000 concepts, attribute access by name
-    # was a third of the judge's time.
-    for row in rows:
-        judged.add(*row)
-    if judged.repairs and not preview:
-        patch_concept_statuses(connection, roadmap_id, judged.repairs)
-    if judged.unplannable:
-        # No retry message can carry such an id; the platform's data needs fixing.
-        logger.warning(
-            "retry_concepts_unplannable",
-            extra={"roadmap_id": roadmap_id, "concept_ids": sorted(judged.unplannable)[:10]},
-        )
-
-    return RetryPlan(
-        roadmap_id=roadmap_id,
-        user_id=roadmap.user_id,
-        content_types=types,
-        concepts=list(judged.concepts.values()),
-        claimed_count=judged.claimed,
-        waiting_for_redrive_count=judged.waiting,
-        held=judged.held,
-        repaired_count=sum(len(keys) for keys in judged.repairs.values()),
-    )
-
-
 _BY_NAME = {content_type.value: content_type for content_type in ContentType}
 
 
 @dataclass
-class _Judged:
-    """The judge's decisions over one roadmap's state rows, gathered into a plan."""
+class JudgedRoadmap:
+    """The judge's decisions over one roadmap's item states, gathered into a plan."""
 
     concepts: dict[str, ConceptPlan] = field(default_factory=dict)
     # {concept_id: {status_key: status}}: framework statuses to repair.
@@ -258,8 +93,10 @@ class _Judged:
         is_claimed: bool,
         is_waiting: bool = False,
     ) -> None:
-        """Judge one item's state row (the state query's columns, in order)."""
-        if (concept_id, content_type_name) in self._seen:  # listed twice in framework_data
+        """Judge one item's state (the item state query's columns, in order)."""
+        # An item seen again: its concept listed twice in framework_data, or held
+        # by several claims (the waiting one comes first).
+        if (concept_id, content_type_name) in self._seen:
             return
         self._seen.add((concept_id, content_type_name))
         content_type = _BY_NAME[content_type_name]
@@ -284,3 +121,21 @@ class _Judged:
                     return
                 concept = self.concepts[concept_id] = ConceptPlan(built)
             concept.items.append(PlannedItem(content_type, judgement.reason))
+
+
+def plan_from_rows(rows: Iterable[Iterable[Any]], *, list_held: bool = False) -> JudgedRoadmap:
+    """Judge every item state of one roadmap, in order; the first state of an item counts.
+
+    Args:
+        rows: the items' states, each the columns of
+            :func:`content_retry.repositories.roadmaps.item_states_query` in
+            order: content type, concept id, name, description, stage, module,
+            framework status, latest status, claimed, waiting for a re-drive.
+        list_held: list the held items (the plan only shown).
+    """
+    judged = JudgedRoadmap(list_held=list_held)
+    # Rows unpacked by position: at 10,000 concepts, attribute access by name
+    # was a third of the judge's time.
+    for row in rows:
+        judged.add(*row)
+    return judged

@@ -76,3 +76,7 @@ class RetryPlan:
     def count_by_reason(self) -> dict[str, int]:
         counts = Counter(item.reason.value for _, item in self.items)
         return {reason.value: counts[reason.value] for reason in Reason}
+
+
+class RoadmapNotFoundError(LookupError):
+    """The roadmap does not exist, or is not the caller's (the two are not told apart)."""
