@@ -1,6 +1,7 @@
 """B2: the sweep's candidate query over 10,000 and over 100,000 roadmaps, 100 needing work.
 
-What it measures: the time of ``content_retry.repositories.roadmaps.SWEEP_CANDIDATES`` (the
+What it measures: the time of the sweep's candidates query
+(``content_retry.repositories.roadmaps.sweep_candidates_statement()``, the
 only part of ``sweep`` whose cost could follow the table's size: every
 roadmap it returns is then planned by the judge, B1, at a cost that depends
 on that roadmap alone) with the sweep's own parameters, on two databases
@@ -31,7 +32,7 @@ from sqlalchemy import Engine, text
 
 from benchmarks.harness import BenchEnv, Result, alternate, analyze, ms, say, settings_for
 from content_retry.database import build_engine
-from content_retry.repositories.roadmaps import SWEEP_CANDIDATES
+from content_retry.repositories.roadmaps import sweep_candidates_statement
 from content_retry.settings import Settings
 from content_retry_local.explain import explain
 
@@ -107,7 +108,7 @@ def _candidates(engine: Engine, settings: Settings, *, index_scans: bool = True)
             connection.execute(text("SET LOCAL enable_bitmapscan = off"))
         return list(
             connection.execute(
-                SWEEP_CANDIDATES,
+                sweep_candidates_statement(),
                 {
                     "grace_minutes": settings.sweep_grace_minutes,
                     "lease_minutes": settings.claim_lease_minutes,
@@ -122,7 +123,7 @@ def _uses_partial_index(engine: Engine, settings: Settings) -> bool:
     with engine.connect() as connection:
         plan = explain(
             connection,
-            SWEEP_CANDIDATES,
+            sweep_candidates_statement(),
             {
                 "grace_minutes": settings.sweep_grace_minutes,
                 "lease_minutes": settings.claim_lease_minutes,

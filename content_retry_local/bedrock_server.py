@@ -1,53 +1,6 @@
 """A local Amazon Bedrock Runtime that speaks the Converse wire protocol.
 
-The ``bedrock`` generator calls Bedrock through boto3; to test it, to inject
-faults into it, to run the demo with a slow "LLM" and to benchmark the worker,
-this module stands in for the service on 127.0.0.1. It is a real HTTP server
-(restJson1, ``POST /model/{modelId}/converse``), so everything botocore does is
-exercised: request serialization, error parsing, the standard and adaptive
-retry modes, response parsing. A mock of ``client.converse`` would skip all of
-that.
-
-What it answers:
-
-- a request with ``toolConfig``: ``stopReason: "tool_use"`` and one ``toolUse``
-  block whose ``input`` is an instance of the chosen tool's ``inputSchema.json``,
-  generated from the JSON Schema itself (pydantic v2's ``model_json_schema()``
-  included), with readable strings about the concept named in the prompt;
-- a request without tools: a text block holding a JSON object, shaped by a JSON
-  Schema found in the prompt, else
-  ``{"answer": "..."}``;
-- with ``throttle_rate``, that share of requests is refused with 429
-  ``ThrottlingException``; with ``malformed_rate``, that share of answers
-  breaks the schema (a required property missing) or holds no JSON at all;
-- with ``tokens_per_minute`` and/or ``requests_per_minute``, an account's
-  on-demand quota, per model id, as Amazon Bedrock enforces it: a request
-  reserves its input tokens plus its ``inferenceConfig.maxTokens`` (and one
-  request) when it starts, is refused at once with 429 ``ThrottlingException``
-  when that does not fit what is left, and gives back the unused part of its
-  reservation (``maxTokens`` minus its output tokens) when its answer is done.
-  The quota is two token buckets per model, full at the start and refilled
-  continuously (a minute's worth a minute), shared by every client of the
-  server (several worker processes calling one URL meet one quota). A request
-  reserving more than a minute's worth of tokens is never let through.
-
-Answers are deterministic: the content depends only on the seed and the
-request, and the throttle/malformed draws on the seed, the request and how many
-times that same request was seen before, so a retried request gets a fresh draw
-while a run repeats exactly (whatever order concurrent threads arrive in).
-
-The random throttle and the quota are independent: a request the random draw
-throttles reserves nothing; one it lets through still has to fit the quota.
-
-Usage::
-
-    with LocalBedrock(latency=2.0, throttle_rate=0.1, seed=7) as bedrock:
-        client = bedrock.client()  # or AWS_ENDPOINT_URL_BEDROCK_RUNTIME=bedrock.endpoint
-        ...
-        print(bedrock.stats())
-
-``python -m content_retry_local.bedrock_server --port 8123 --latency 1
---tokens-per-minute 100000`` runs one in the foreground.
+A real HTTP server on 127.0.0.1 for tests, fault injection, the demo and benchmarks.
 """
 
 from __future__ import annotations
@@ -836,7 +789,7 @@ class LocalBedrock:
     do on the real service.
 
     ``tokens_per_minute`` and ``requests_per_minute`` (None: no limit) are the
-    account's on-demand quota for each model id (see the module's docstring);
+    account's on-demand quota for each model id (see docs/LOCAL_TOOLING.md);
     ``set_quota()`` changes it while the server runs.
 
     Raises:

@@ -1,11 +1,6 @@
 """The ``content-retry`` command line (DESIGN §10).
 
-Local commands run the deployed handlers unchanged; with no database variable
-they start an embedded PostgreSQL, and with no queue variable they start
-moto's server, creating the queues as template.yaml defines them. A failure a
-person can cause is answered in one line (``errors.py``); ``--debug`` adds the
-traceback. SIGTERM and SIGHUP stop a command as Ctrl-C does, so what it
-started (the embedded PostgreSQL, a server) is stopped cleanly.
+Local commands run the deployed handlers unchanged, on local or given services.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
 """``content-retry demo``: the seed's failure and its repair, end to end, on this machine.
 
-It seeds the roadmap whose 21 lost tutorials the old retry missed, shows what
-the old rule and the judge each find, asks for a retry through the detect
-handler as a signed-in user would, drains the queue through the generate
-handler while one save loses its database connection, re-drives the
-dead-lettered content without a second LLM call, lets the schedule sweep take
-the rest, and checks the end state (exit status 1 when it is wrong).
+It seeds, detects, retries and repairs through the handlers, then checks the end state.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """Supplies the environment the handlers expect, when it is not given.
 
-- No database variable (``DATABASE_URL``, ``DB_*``): an embedded PostgreSQL,
-  data under ``.local/pgdata``, reused between runs; its schema is upgraded on
-  every start.
-- No queue variable (``AWS_ENDPOINT_URL``, ``RETRY_QUEUE_URL``,
-  ``RETRY_DLQ_URL``): moto's server on 127.0.0.1, with the queues created as
-  template.yaml defines them.
-
-Given a real database and real AWS (queue URLs and credentials), the same
-commands use those instead; a database or queues given in part are refused,
-never completed with local ones. Handlers then run unchanged: they read the
-same variables as in Lambda.
+An embedded PostgreSQL and moto's server stand in for a database or queues not given.
 """
 
 from __future__ import annotations

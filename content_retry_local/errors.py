@@ -1,10 +1,4 @@
-"""What the command line says when a command fails: one line, the cause and the fix.
-
-A failure a person can cause (a database that does not answer, a refused
-login, no AWS credentials, a queue that does not exist, a variable set in
-part) is answered with what happened and what to do, not a traceback;
-``content-retry --debug`` shows the traceback as well.
-"""
+"""What the command line says when a command fails: one line, the cause and the fix."""
 
 from __future__ import annotations
 

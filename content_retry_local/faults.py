@@ -1,22 +1,6 @@
-"""Faults to stage against PostgreSQL: a database that stops answering.
+"""Faults to stage against PostgreSQL: a database that stops answering (:class:`HangingProxy`).
 
-A database that *refuses* (a reset connection, a server down) fails a
-statement at once. One that *hangs* (a stalled RDS Proxy borrow, a network
-black hole, a lock) accepts the statement and never answers: every wait
-lasts as long as the socket's timeout. :class:`HangingProxy` stages the
-second kind: a real TCP proxy on 127.0.0.1 in front of a local PostgreSQL
-that, when told to, stops forwarding bytes in both directions while every
-connection stays open, and accepts new connections without ever answering
-them. It can be told to hang at once, or when the client sends a chosen
-statement (the statement then reaches the server and runs; its answer never
-comes back), so a test can hang a database in the middle of a save.
-
-:class:`ClockContext` is a Lambda context whose remaining time runs down with
-the real clock, so a handler's deadline is the one Lambda would enforce.
-
-Used by the reliability suite (``tests/reliability/test_hanging_database.py``)
-and usable by benchmarks and the demo. It only ever listens on, and forwards
-to, the loopback interface or a Unix socket.
+Also :class:`ClockContext`, a Lambda context whose remaining time runs with the real clock.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
 """``content-retry serve``: the HTTP API on localhost, through the detect handler.
 
-``/docs`` is Swagger UI from files installed with the project (no other host).
-
-Each request becomes an API Gateway REST proxy event, as API Gateway would
-build it, and goes to the deployed handler unchanged. The caller's identity
-comes from API Gateway's authorizer in AWS; locally there is none, so every
-API request is anonymous (401) unless the server was started with
-``--dev-identity``, which takes the caller from an ``X-Dev-User`` header.
+``/docs`` is Swagger UI; callers are anonymous unless started with ``--dev-identity``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,4 @@
-"""PgBouncer in transaction pooling mode: the local stand-in for RDS Proxy.
-
-Like the proxy, it lends a server connection to a client only for the length
-of a transaction, so many Lambda-like workers (each holding its own client
-connection) share a bounded pool of server connections, as long as they pin
-nothing to a session (no ``SET``, no prepared statements, no advisory locks).
-"""
+"""PgBouncer in transaction pooling mode: the local stand-in for RDS Proxy."""
 
 from __future__ import annotations
 

@@ -1,10 +1,4 @@
-"""Where the project's own files are: template.yaml, functions/ and events/.
-
-The local commands run the deployed handlers from their folders and take the
-queues' settings from the template they are deployed with, so they work from
-a checkout of the project: the current directory or one above it, else the
-checkout this package was installed from (``pip install -e``).
-"""
+"""Where the project's own files are: template.yaml, functions/ and events/."""
 
 from __future__ import annotations
 

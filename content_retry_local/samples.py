@@ -1,10 +1,6 @@
 """``content-retry seed``: roadmaps to try the API on, in the local database.
 
-The seed's roadmap (the demo's: 21 lost tutorials the old rule missed) and a
-few beside it, each showing one answer of the API: items failed, stale and
-missing; a roadmap with nothing to retry; another user's roadmap. Seeding is
-idempotent: each run puts these roadmaps back exactly as seeded (their retry
-tasks go with them), and touches no other roadmap.
+Idempotent: each run puts these roadmaps back as seeded and touches no other.
 """
 
 from __future__ import annotations

@@ -1,10 +1,6 @@
 """The database sessions one engine opened, and a way to end them.
 
-A lost connection (an exhausted pool, a proxy failover, an idle session
-reaped) is the fault the pipeline must survive without losing generated
-content; the demo and the tests stage it by ending the worker's own sessions.
-Only sessions this process opened through the engine are ever ended, never
-anyone else's on the same server.
+Stages a lost connection; only the sessions this process opened are ever ended.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """What ships to Lambda, built by the deployed recipe and run the way Lambda runs it.
 
-:func:`build_shipped_tree` runs the layer's own recipe (``layers/common/Makefile``,
-the one ``sam build`` runs) and lays the functions' folders beside it, as SAM
-packages them. :func:`freeze` then makes the tree look like Lambda's code
-folders: every file dated 1980-01-01 (SAM's zip entries carry that date) and
-nothing writable. :func:`run_handler` runs one handler in Python 3.12 with
-``-I -S -B`` and ``sys.path`` = the function's folder + the layer's ``python/``
-+ the standard library, and reports every module loaded from anywhere else.
-
-Used by the test that proves the handlers on the Lambda runtime and by
-benchmark B7 (cold imports as shipped).
+Used by the test of the handlers on the Lambda runtime and by benchmark B7.
 """
 
 from __future__ import annotations

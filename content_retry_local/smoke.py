@@ -1,28 +1,6 @@
 """``content-retry smoke --stack NAME``: a deployed stack checked, changing nothing.
 
-Reads the stack's outputs and parameters from CloudFormation, then checks what a
-deploy can get wrong while CloudFormation reports success:
-
-- **the API refuses an unsigned caller**: both routes, called without a token,
-  answer 401 or 403 (the POST names a roadmap that cannot exist, so even an API
-  that let it through would plan nothing);
-- **each detect function answers a direct invoke that plans nothing**: the API
-  function and the sweep's function are invoked (their ``live`` alias, what the
-  triggers invoke) with the API request event of a caller that cannot exist
-  retrying a roadmap that cannot exist. The one judge runs against the database
-  through the proxy (the layer, the VPC, the IAM token, TLS) and answers 404
-  ``roadmap not found``: nothing is planned, claimed or sent. The detect
-  function has no plan-only mode, and its other direct form
-  (``{"roadmap_id": ...}``) raises for an unknown roadmap: a Lambda error, which
-  the detect-errors alarm would page on. An answer is not an error;
-- **the queues are as template.yaml says**: retention, visibility, size and wait,
-  and the retry queue's redrive policy (this stack's DLQ, its maxReceiveCount),
-  as the local runtime creates them (:mod:`content_retry_local.template`);
-- **every alarm template.yaml names exists**.
-
-Where the checks look is a :class:`SmokeTarget`: AWS (:func:`aws_target`), or in
-the tests the local runtime's resources (moto's server, the local API, the
-handler in this process).
+Checks the API's refusal of unsigned callers, the detect functions, queues and alarms.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""``content-retry sql``: look inside the local database (or the given one).
-
-With a statement, it runs it and prints the rows as psql does; without one,
-it opens ``psql`` (the one the pgserver wheel ships, so none needs
-installing) on the same database, kept running while psql is open.
-"""
+"""``content-retry sql``: look inside the local database (or the given one)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Reads template.yaml, so local queues and tests take their settings from it.
-
-The local runtime creates its queues with the attributes the template gives
-the deployed ones, and the tests check the template against the code: neither
-can drift from what is deployed.
-"""
+"""Reads template.yaml, so local queues and tests take their settings from it."""
 
 from __future__ import annotations
 

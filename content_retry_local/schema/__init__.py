@@ -1,10 +1,6 @@
 """The database schema: ``content-retry db upgrade`` (``db init`` is its alias).
 
-Three steps, each safe to run again and none touching a row of data: the
-platform's missing tables are created from :mod:`content_retry.tables`; the
-pipeline's own tables are brought to the newest Alembic revision; the
-pipeline's indexes on the platform's tables are built where missing, without
-blocking writes. :func:`drift` holds the migrations to the same metadata.
+Creates the platform's missing tables, migrates the pipeline's own, builds its indexes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""The platform's tables (DESIGN §3, a contract), and the pipeline's indexes on them.
-
-Both come from :mod:`content_retry.tables`: a table is created only where it
-is absent; the indexes are built ``CONCURRENTLY``, so a large platform table
-keeps taking writes meanwhile.
-"""
+"""The platform's tables (DESIGN §3, a contract), and the pipeline's indexes on them."""
 
 from __future__ import annotations
 

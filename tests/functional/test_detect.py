@@ -543,12 +543,12 @@ def test_sweep_finds_its_candidates_through_the_partial_index(connection: Connec
     _seed_sweep_roadmaps(connection, total=1000, needing_work=10, young=0)
     # autovacuum keeps statistics current in production; here, right after the load
     connection.execute(text("ANALYZE"))
-    from content_retry.repositories.roadmaps import SWEEP_CANDIDATES
+    from content_retry.repositories.roadmaps import sweep_candidates_statement
     from content_retry_local.explain import explain
 
     plan = explain(
         connection,
-        SWEEP_CANDIDATES,
+        sweep_candidates_statement(),
         {"grace_minutes": 30, "lease_minutes": 60, "retention_minutes": 5760, "limit": 50},
     )
 

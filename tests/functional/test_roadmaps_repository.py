@@ -112,7 +112,7 @@ def test_the_sweep_finds_its_candidates_through_the_partial_index(
 
     # WHEN the sweep asks for its candidates
     found = roadmaps.sweep_candidates(connection, **terms, limit=50)
-    plan = explain(connection, roadmaps.SWEEP_CANDIDATES, {**terms, "limit": 50})
+    plan = explain(connection, roadmaps.sweep_candidates_statement(), {**terms, "limit": 50})
 
     # THEN it finds those 10, and reads roadmap_metadata through the partial index
     assert sorted(row.roadmap_id for row in found) == sorted(f"r{n}" for n in range(1, 11))

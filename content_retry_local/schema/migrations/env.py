@@ -1,9 +1,6 @@
 """Alembic's environment for the pipeline's own tables.
 
-Run only through :mod:`content_retry_local.schema` (``upgrade``, ``check``),
-which hands over the connection (and so the schema it works in) and the
-metadata to compare with; the version table is the pipeline's own, so a
-platform that uses Alembic for its tables keeps its own.
+Run only through :mod:`content_retry_local.schema`, which hands over the connection.
 """
 
 from __future__ import annotations

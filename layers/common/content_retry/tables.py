@@ -43,17 +43,17 @@ def _created_at() -> Column[object]:
     return Column("created_at", _TIMESTAMPTZ, nullable=False, server_default=func.now())
 
 
-class _Constant(ColumnElement[str]):
-    """A string written into the statement, quoted by SQLAlchemy when the statement
-    is compiled (so the compiled form is cached with it), never bound."""
+class _Constant(ColumnElement[Any]):
+    """A string or integer written into the statement, quoted by SQLAlchemy when the
+    statement is compiled (so the compiled form is cached with it), never bound."""
 
     inherit_cache = True
     # What the cache key is made of (SQLAlchemy declares it as a list).
-    _traverse_internals: _TraverseInternalsType = [("value", InternalTraversal.dp_string)]  # noqa: RUF012
-    type = Text()
+    _traverse_internals: _TraverseInternalsType = [("value", InternalTraversal.dp_plain_obj)]  # noqa: RUF012
 
-    def __init__(self, value: str) -> None:
+    def __init__(self, value: str | int) -> None:
         self.value = value
+        self.type = Integer() if isinstance(value, int) else Text()
 
 
 @compiles(_Constant)
@@ -61,9 +61,10 @@ def _render_constant(element: _Constant, compiler: SQLCompiler, **kw: Any) -> st
     return compiler.render_literal_value(element.value, element.type)
 
 
-def constant(value: str) -> ColumnElement[str]:
-    """A string written into the statement, not bound: a partial index is used
-    only by a query whose predicate repeats the index's literally."""
+def constant(value: str | int) -> ColumnElement[Any]:
+    """A value written into the statement, not bound: a partial index is used only
+    by a query whose predicate repeats the index's literally, and nothing is
+    rendered again on each execution."""
     return _Constant(value)
 
 

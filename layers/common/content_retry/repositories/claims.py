@@ -6,6 +6,7 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import (
@@ -35,7 +36,6 @@ from sqlalchemy import (
     false,
     func,
     insert,
-    literal,
     null,
     or_,
     select,
@@ -320,6 +320,7 @@ def _completed_since_task(items: FromClause) -> ColumnElement[bool]:
     return case(whens, value=items.c.content_type, else_=false())
 
 
+@cache
 def _start_items_statement() -> Select[Any]:
     """The statement of :func:`start_items` (built once, at import)."""
     i = _aliased(retry_items, "i")
@@ -407,9 +408,6 @@ def _start_items_statement() -> Select[Any]:
     ).select_from(current.outerjoin(started, _same_item(current, started)))
 
 
-_START_ITEMS = _start_items_statement()
-
-
 def start_items(
     connection: Connection, items: Sequence[DeliveredItem], *, delivery_seconds: float = 900
 ) -> dict[ItemKey, StartedItem]:
@@ -427,7 +425,7 @@ def start_items(
     if not items:
         return {}
     rows = connection.execute(
-        _START_ITEMS,
+        _start_items_statement(),
         {
             "task_ids": [item.key.task_id for item in items],
             "concept_ids": [item.key.concept_id for item in items],
@@ -469,6 +467,7 @@ def _messages_own(items: FromClause, tasks: FromClause) -> ColumnElement[bool]:
     )
 
 
+@cache
 def _record_outcomes_statement() -> ReturningUpdate[Any]:
     i = _aliased(retry_items, "i")
     t = _aliased(retry_tasks, "t")
@@ -492,9 +491,6 @@ def _record_outcomes_statement() -> ReturningUpdate[Any]:
         )
         .returning(i.c.task_id, i.c.concept_id, i.c.content_type)
     )
-
-
-_RECORD_OUTCOMES = _record_outcomes_statement()
 
 
 def record_outcomes(
@@ -522,7 +518,7 @@ def record_outcomes(
     if not keys:
         return set()
     rows = connection.execute(
-        _RECORD_OUTCOMES,
+        _record_outcomes_statement(),
         {
             "new_status": status.value,
             "error": clip_error(error) if error else None,
@@ -537,6 +533,7 @@ def record_outcomes(
     return {ItemKey(str(task), concept, ContentType(kind)) for task, concept, kind in rows}
 
 
+@cache
 def _add_costs_statement() -> Update:
     i = _aliased(retry_items, "i")
     t = _aliased(retry_tasks, "t")
@@ -558,9 +555,6 @@ def _add_costs_statement() -> Update:
     )
 
 
-_ADD_COSTS = _add_costs_statement()
-
-
 def add_costs(
     connection: Connection, costs: Mapping[ItemKey, ItemCost], *, roadmap_id: str, user_id: str
 ) -> None:
@@ -571,7 +565,7 @@ def add_costs(
         return
     keys = list(paid)
     connection.execute(
-        _ADD_COSTS,
+        _add_costs_statement(),
         {
             "task_ids": [key.task_id for key in keys],
             "concept_ids": [key.concept_id for key in keys],
@@ -596,6 +590,7 @@ class PaidCalls(NamedTuple):
     output_tokens: int
 
 
+@cache
 def _recorded_tokens_statement() -> Select[Any]:
     w = _unnested("w", ("content_type", Text()))
     # llm_calls > 0 written out: the predicate of the partial index retry_items_paid_by_type.
@@ -603,7 +598,7 @@ def _recorded_tokens_statement() -> Select[Any]:
         select(retry_items.c.llm_calls, retry_items.c.input_tokens, retry_items.c.output_tokens)
         .where(
             retry_items.c.content_type == w.c.content_type,
-            retry_items.c.llm_calls > literal(0, Integer, literal_execute=True),
+            retry_items.c.llm_calls > constant(0),
         )
         .order_by(retry_items.c.updated_at.desc())
         .limit(bindparam("recent", type_=Integer()))
@@ -621,16 +616,13 @@ def _recorded_tokens_statement() -> Select[Any]:
     )
 
 
-_RECORDED_TOKENS = _recorded_tokens_statement()
-
-
 def recent_paid_calls(
     connection: Connection, content_types: Iterable[ContentType], recent: int
 ) -> dict[ContentType, PaidCalls]:
     """Per content type, the calls and tokens of its ``recent`` last paid items
     (by when they were last updated); types without any are left out."""
     rows = connection.execute(
-        _RECORDED_TOKENS,
+        _recorded_tokens_statement(),
         {"content_types": [content_type.value for content_type in content_types], "recent": recent},
     )
     return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cache
 
 from sqlalchemy import (
     Boolean,
@@ -59,6 +60,7 @@ def _number(name: str) -> ColumnElement[float]:
     return cast(bindparam(name, type_=DOUBLE_PRECISION), DOUBLE_PRECISION)
 
 
+@cache
 def _take_statement() -> ReturningUpdate[int, float, float, float, float]:
     """One statement: refill the model's bucket under its row lock, apply a
     throttle's cut or a calm minute's recovery, grant what fits, keep the rest."""
@@ -168,8 +170,6 @@ def _take_statement() -> ReturningUpdate[int, float, float, float, float]:
     )
 
 
-_TAKE = _take_statement()
-
 _CREATE = (
     insert(llm_quota_buckets)
     .values(
@@ -198,7 +198,7 @@ def take_calls(
     Returns None when the model has no bucket yet (see :func:`create_bucket`).
     """
     row = connection.execute(
-        _TAKE,
+        _take_statement(),
         {
             "model": model_id,
             "wanted": calls,

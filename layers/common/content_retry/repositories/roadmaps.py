@@ -22,7 +22,6 @@ from sqlalchemy import (
     exists,
     false,
     func,
-    literal,
     or_,
     select,
     union,
@@ -300,7 +299,7 @@ def _item_states(
             concepts.c.i,
             concepts.c.j,
             concepts.c.k,
-            literal(position, Integer, literal_execute=True).label("position"),
+            constant(position).label("position"),
         )
         .select_from(
             concepts.outerjoin(
@@ -328,7 +327,11 @@ def _item_states(
     )
 
 
-def _sweep_candidates_query() -> Select[Any]:
+@cache
+def sweep_candidates_statement() -> Select[Any]:
+    """The sweep's candidates query. Binds grace_minutes (only roadmaps untouched
+    this long), lease_minutes, retention_minutes (the claim's terms) and limit;
+    its predicate repeats the sweep index's, so PostgreSQL uses it."""
     roadmaps = roadmap_metadata
     untouched = roadmaps.c.updated_at < minutes_ago("grace_minutes")
     # Two sources, each reading roadmap_metadata through an index (the partial
@@ -382,12 +385,6 @@ def _sweep_candidates_query() -> Select[Any]:
     )
 
 
-# Binds grace_minutes (only roadmaps untouched this long), lease_minutes,
-# retention_minutes (the claim's terms) and limit. Its predicate repeats the
-# sweep index's (content_retry.tables.sweep_candidate), so PostgreSQL uses it.
-SWEEP_CANDIDATES = _sweep_candidates_query()
-
-
 def sweep_candidates(
     connection: Connection,
     *,
@@ -403,7 +400,7 @@ def sweep_candidates(
     """
     return list(
         connection.execute(
-            SWEEP_CANDIDATES,
+            sweep_candidates_statement(),
             {
                 "grace_minutes": grace_minutes,
                 "lease_minutes": lease_minutes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -118,6 +119,7 @@ def release_unsent(
     return released
 
 
+@cache
 def _read_task_statement() -> Select[Any]:
     t = retry_tasks.alias("t")
     i = retry_items.alias("i")
@@ -146,9 +148,6 @@ def _read_task_statement() -> Select[Any]:
     )
 
 
-_READ_TASK = _read_task_statement()
-
-
 def task_rows(connection: Connection, task_id: str) -> Sequence[Row[Any]]:
     """A task's rows, one per item (concept, then content type, in order), each
     with the task's id, roadmap, owner and the cost summed over its items
@@ -158,6 +157,6 @@ def task_rows(connection: Connection, task_id: str) -> Sequence[Row[Any]]:
     ``task_id`` must be a UUID's text.
     """
     return connection.execute(
-        _READ_TASK,
+        _read_task_statement(),
         {"read_task_id": task_id, "type_order": [member.value for member in ContentType]},
     ).all()
