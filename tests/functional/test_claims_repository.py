@@ -173,7 +173,9 @@ def test_the_estimate_reads_a_content_types_recent_paid_calls_through_their_inde
     # WHEN the estimate reads the 100 most recently updated paid ones
     found = claims.recent_paid_calls(connection, [ContentType.TUTORIAL, ContentType.QUIZ], 100)
     plan = explain(
-        connection, claims._recorded_tokens_statement(), {"content_types": ["tutorial"], "recent": 100}
+        connection,
+        claims._recorded_tokens_statement(),
+        {"content_types": ["tutorial"], "recent": 100},
     )
 
     # THEN they are items 11..110 (the newest paid), read through the paid calls' index
