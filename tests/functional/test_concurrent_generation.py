@@ -168,7 +168,7 @@ def test_every_call_is_counted_in_the_ledger_and_the_task_view_even_malformed_on
     assert (usage.llm_calls, usage.input_tokens, usage.output_tokens) == (27, 2700, 1047)
 
 
-def test_a_redriven_message_that_carries_its_content_costs_no_call(
+def test_a_redriven_message_with_its_content_costs_no_call(
     connection: Connection,
     queues: Queues,
     db: Engine,
@@ -192,7 +192,7 @@ def test_a_redriven_message_that_carries_its_content_costs_no_call(
     response = generate_handler(redriven_event(dead), lambda_context, deps=worker)
 
     # THEN its items are saved without a call: what they cost is what the first
-    # delivery paid (carried by the dead-letter copy, whose invocation could not
+    # delivery paid (recorded from the dead-letter copy, whose invocation could not
     # note it), once
     assert response == {"batchItemFailures": []}
     assert len(generator.calls) == calls == 2
@@ -283,7 +283,7 @@ def test_the_real_client_path_accounts_tokens_and_throttles_per_content_type(
     ['"before\\u0000after"', '"lone \\ud800 surrogate"'],
     ids=["nul", "unpaired-surrogate"],
 )
-def test_carried_content_the_database_cannot_store_fails_its_item_alone_for_good(
+def test_content_in_a_message_the_database_cannot_store_fails_its_item_alone_permanently(
     connection: Connection,
     queues: Queues,
     db: Engine,
@@ -291,7 +291,7 @@ def test_carried_content_the_database_cannot_store_fails_its_item_alone_for_good
     lambda_context: FakeLambdaContext,
     bad_markdown: str,
 ) -> None:
-    # GIVEN a re-driven message of two items whose carried tutorial holds what
+    # GIVEN a re-driven message of two items whose generated tutorial holds what
     # PostgreSQL cannot store, beside a good quiz
     _, bodies = plan_everything(connection, queues, detect, lambda_context)
     message = json.loads(two_item_body(bodies))
@@ -316,7 +316,7 @@ def test_carried_content_the_database_cannot_store_fails_its_item_alone_for_good
     first = generate_handler(sqs_event([body]), lambda_context, deps=worker)
     second = generate_handler(sqs_event([body]), lambda_context, deps=worker)
 
-    # THEN the quiz is saved, the tutorial fails for good with its reason, without
+    # THEN the quiz is saved, the tutorial fails permanently with its reason, without
     # a call to the LLM, and nothing comes back or goes to the dead-letter queue
     assert first == second == {"batchItemFailures": []}
     assert generator.calls == []

@@ -659,7 +659,7 @@ def test_a_failed_save_ends_the_items_that_failed_for_good_and_the_redrive_calls
     worker: WorkerDependencies,
 ) -> None:
     # GIVEN a message of two items (a lost tutorial, a failed quiz): the LLM
-    # refuses the quiz for good, and the database drops the worker's connection
+    # refuses the quiz permanently, and the database drops the worker's connection
     bodies = plan_messages(
         connection, queues, detect, lambda_context, ["tutorial", "quiz"], other_failures=True
     )

@@ -51,7 +51,7 @@ RATES = {
     "llm_throttled": 0.06,  # by the local Bedrock: 429 ThrottlingException (botocore retries)
     "llm_malformed": 0.05,  # by the local Bedrock: a tool call that breaks the schema
     "llm_timeout": 0.05,
-    "doomed_item": 0.03,  # share of items whose LLM call always fails for good
+    "doomed_item": 0.03,  # share of items whose LLM call always fails permanently
     "db_killed_before_save": 0.04,
     "duplicate_delivery": 0.15,
     "invocation_cut_off": 0.08,
@@ -370,7 +370,7 @@ def test_under_injected_faults_nothing_is_lost_or_saved_twice(
     faults = Faults(rng)
     print(f"\nreliability run: seed={SEED} roadmaps={ROADMAPS} concepts={CONCEPTS} rates={RATES}")
 
-    # GIVEN N roadmaps x M concepts, every item missing, a few doomed to fail for good
+    # GIVEN N roadmaps x M concepts, every item missing, a few doomed to fail permanently
     items = seed_roadmaps(connection)
     doomed = {item for item in sorted(items) if rng.random() < RATES["doomed_item"]}
     detect = detect_deps(db, queues.sqs)

@@ -280,7 +280,7 @@ def assert_recovered_exactly_once(
     items = ledger(db, concepts)
     assert {status for status, _, _ in items.values()} == {"succeeded"}
     # The ledger counts every item's one call: a dead-lettered item's through
-    # the cost its copy carried to the re-drive's save.
+    # the cost its copy recorded for the re-drive's save.
     assert {items[concept][2] for concept in concepts} == {1}
 
 

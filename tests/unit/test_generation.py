@@ -113,7 +113,7 @@ def test_an_invalid_answer_or_a_generator_bug_is_tried_again_up_to_its_bound(
     # WHEN the same item fails so on each of its LLM calls
     outcomes = [_one(failure, calls) for calls in range(1, MALFORMED_OUTPUT_CALLS + 1)]
 
-    # THEN it is tried again until its bound, then failed for good, its reason naming why
+    # THEN it is tried again until its bound, then failed permanently, its reason naming why
     *before, last = outcomes
     assert all(isinstance(outcome, TryLater) for outcome in before)
     assert all(isinstance(o.error, MalformedOutputError) for o in before if isinstance(o, TryLater))

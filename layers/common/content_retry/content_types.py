@@ -39,10 +39,6 @@ class ContentStorage:
     payload_format: PayloadFormat
     status_key: str
 
-    @property
-    def payload_sql_type(self) -> str:
-        return "jsonb" if self.payload_format is PayloadFormat.JSON else "text"
-
 
 STORAGE: dict[ContentType, ContentStorage] = {
     ContentType.TUTORIAL: ContentStorage(

@@ -185,11 +185,6 @@ def _delivered_items(
     ]
 
 
-def item_types(message: RetryMessage) -> list[ContentType]:
-    """The content types of a message's items, in its order."""
-    return [item.content_type for item in message.items]
-
-
 def item_keys(message: RetryMessage) -> list[ItemKey]:
     """The deduplication keys of a message's items."""
     return [

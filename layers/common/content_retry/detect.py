@@ -91,8 +91,9 @@ def handle_detect_event(
         DatabaseNotAnsweringError: the sweep or a direct invoke met a database
             that failed or did not answer in time.
     """
-    kind = event_kind(event)
+    # Settings first: a function missing a variable says which, whatever the event.
     deps = deps or default_detect_dependencies()
+    kind = event_kind(event)
     if kind == "api":
         from content_retry.api import handle_api_event
 

@@ -45,12 +45,3 @@ class TaskStatus(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     COMPLETED_WITH_FAILURES = "completed_with_failures"
-
-
-def sql_list(values: tuple[StrEnum, ...]) -> str:
-    """SQL text for ``IN (...)`` of constant states, e.g. ``'queued', 'running'``.
-
-    Constants, not bound values: a partial index's predicate is only used by a
-    query that repeats it literally.
-    """
-    return ", ".join(f"'{value.value}'" for value in values)

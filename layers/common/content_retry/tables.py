@@ -287,4 +287,3 @@ llm_quota_buckets = Table(
 )
 
 PLATFORM_TABLES: tuple[Table, ...] = (roadmap_metadata, *content_tables.values())
-PIPELINE_TABLES: tuple[Table, ...] = (retry_tasks, roadmap_sweeps, retry_items, llm_quota_buckets)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     CTE,
@@ -49,6 +49,8 @@ from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.types import TypeEngine
 
 from content_retry.content_types import ContentType
+from content_retry.costs import ItemCost
+from content_retry.plan.models import RetryPlan
 from content_retry.statuses import (
     CLAIMING_STATUSES,
     TERMINAL_STATUSES,
@@ -57,10 +59,6 @@ from content_retry.statuses import (
 )
 from content_retry.tables import constant, content_tables, retry_items, retry_tasks
 from content_retry.validation import clip_error
-
-if TYPE_CHECKING:  # at run time, costs and the plan's package import back here
-    from content_retry.costs import ItemCost
-    from content_retry.plan.models import RetryPlan
 
 
 @dataclass(frozen=True)
@@ -322,7 +320,7 @@ def _completed_since_task(items: FromClause) -> ColumnElement[bool]:
 
 @cache
 def _start_items_statement() -> Select[Any]:
-    """The statement of :func:`start_items` (built once, at import)."""
+    """The statement of :func:`start_items` (built on first use)."""
     i = _aliased(retry_items, "i")
     t = _aliased(retry_tasks, "t")
     w = _unnested(
@@ -540,17 +538,17 @@ def _add_costs_statement() -> Update:
     c = _unnested(
         "c",
         *_KEY_COLUMNS,
-        ("llm_call", Integer()),
-        ("input_token", BigInteger()),
-        ("output_token", BigInteger()),
+        ("added_llm_call", Integer()),
+        ("added_input_token", BigInteger()),
+        ("added_output_token", BigInteger()),
     )
     return (
         update(i)
         .where(_same_item(i, c), _messages_own(i, t))
         .values(
-            llm_calls=i.c.llm_calls + c.c.llm_call,
-            input_tokens=i.c.input_tokens + c.c.input_token,
-            output_tokens=i.c.output_tokens + c.c.output_token,
+            llm_calls=i.c.llm_calls + c.c.added_llm_call,
+            input_tokens=i.c.input_tokens + c.c.added_input_token,
+            output_tokens=i.c.output_tokens + c.c.added_output_token,
         )
     )
 
@@ -570,9 +568,9 @@ def add_costs(
             "task_ids": [key.task_id for key in keys],
             "concept_ids": [key.concept_id for key in keys],
             "content_types": [key.content_type.value for key in keys],
-            "llm_calls": [paid[key].llm_calls for key in keys],
-            "input_tokens": [paid[key].input_tokens for key in keys],
-            "output_tokens": [paid[key].output_tokens for key in keys],
+            "added_llm_calls": [paid[key].llm_calls for key in keys],
+            "added_input_tokens": [paid[key].input_tokens for key in keys],
+            "added_output_tokens": [paid[key].output_tokens for key in keys],
             "message_roadmap_id": roadmap_id,
             "message_user_id": user_id,
         },

@@ -54,7 +54,7 @@ _ROADMAP = bindparam("roadmap", type_=Text)
 _CONCEPT = bindparam("concept", type_=Text)
 
 
-def completed_latest(
+def _completed_latest(
     rows: FromClause, roadmap_id: ColumnElement[Any], concept_id: ColumnElement[Any]
 ) -> ColumnElement[bool]:
     """Whether a row of a content table (``rows``: the table or an alias) is the
@@ -220,7 +220,7 @@ def _item_succeeded(content_type: ContentType) -> Update:
             items.roadmap_id,
             ~exists()
             .where(
-                completed_latest(content, _ROADMAP, _CONCEPT),
+                _completed_latest(content, _ROADMAP, _CONCEPT),
                 task.c.task_id == task_id,
                 content.c.created_at > task.c.created_at,
             )

@@ -411,12 +411,14 @@ def sweep_candidates(
     )
 
 
+# Bound as swept_roadmap_id: a parameter named like a column the INSERT writes
+# would become a value of its own.
 _existing = select(roadmap_metadata.c.roadmap_id).where(
-    roadmap_metadata.c.roadmap_id == bindparam("roadmap_id")
+    roadmap_metadata.c.roadmap_id == bindparam("swept_roadmap_id")
 )
 _insert_sweep = insert(roadmap_sweeps).from_select(
     ["roadmap_id", "swept_at"],
-    select(bindparam("roadmap_id", type_=Text), func.now()).where(exists(_existing)),
+    select(bindparam("swept_roadmap_id", type_=Text), func.now()).where(exists(_existing)),
 )
 _RECORD_SWEPT = _insert_sweep.on_conflict_do_update(
     index_elements=[roadmap_sweeps.c.roadmap_id],
@@ -426,4 +428,4 @@ _RECORD_SWEPT = _insert_sweep.on_conflict_do_update(
 
 def record_swept(connection: Connection, roadmap_id: str) -> None:
     """Record that the sweep judges ``roadmap_id`` now (nothing if it was deleted)."""
-    connection.execute(_RECORD_SWEPT, {"roadmap_id": roadmap_id})
+    connection.execute(_RECORD_SWEPT, {"swept_roadmap_id": roadmap_id})

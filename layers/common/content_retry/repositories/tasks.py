@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import (
     Connection,
@@ -22,12 +22,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 from content_retry.content_types import ContentType
+from content_retry.plan.models import RetryPlan
 from content_retry.repositories.claims import UNSENT_RELEASED, claim_items, waiting_for_redrive
 from content_retry.tables import retry_items, retry_tasks
 from content_retry.validation import clip_error
-
-if TYPE_CHECKING:  # at run time, the plan's package imports the repositories
-    from content_retry.plan.models import RetryPlan
 
 _UUID = UUID(as_uuid=False)
 
