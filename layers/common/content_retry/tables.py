@@ -17,12 +17,14 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     ForeignKey,
+    FromClause,
     Index,
     Integer,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
+    and_,
     func,
     text,
 )
@@ -173,6 +175,19 @@ def _content_table(storage: ContentStorage) -> Table:
 content_tables: dict[ContentType, Table] = {
     content_type: _content_table(storage) for content_type, storage in STORAGE.items()
 }
+
+
+def completed_latest(
+    rows: FromClause, roadmap_id: ColumnElement[Any], concept_id: ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """Whether a row of a content table (``rows``: the table or an alias) is the
+    concept's latest version, completed."""
+    return and_(
+        rows.c.roadmap_id == roadmap_id,
+        rows.c.concept_id == concept_id,
+        rows.c.is_latest,
+        rows.c.content_status == constant(ContentStatus.COMPLETED),
+    )
 
 
 def payload_column(content_type: ContentType) -> Column[object]:

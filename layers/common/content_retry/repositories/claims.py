@@ -54,10 +54,15 @@ from content_retry.plan.models import RetryPlan
 from content_retry.statuses import (
     CLAIMING_STATUSES,
     TERMINAL_STATUSES,
-    ContentStatus,
     ItemStatus,
 )
-from content_retry.tables import constant, content_tables, retry_items, retry_tasks
+from content_retry.tables import (
+    completed_latest,
+    constant,
+    content_tables,
+    retry_items,
+    retry_tasks,
+)
 from content_retry.validation import clip_error
 
 
@@ -310,10 +315,7 @@ def _completed_since_task(items: FromClause) -> ColumnElement[bool]:
     for content_type, table in content_tables.items():
         content = table.alias("c")
         whens[constant(content_type)] = exists().where(
-            content.c.roadmap_id == items.c.roadmap_id,
-            content.c.concept_id == items.c.concept_id,
-            content.c.is_latest,
-            content.c.content_status == constant(ContentStatus.COMPLETED),
+            completed_latest(content, items.c.roadmap_id, items.c.concept_id)
         )
     return case(whens, value=items.c.content_type, else_=false())
 

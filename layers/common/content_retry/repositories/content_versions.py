@@ -10,14 +10,11 @@ from typing import Any
 from sqlalchemy import (
     CTE,
     BigInteger,
-    ColumnElement,
     Connection,
-    FromClause,
     Integer,
     Select,
     Text,
     Update,
-    and_,
     bindparam,
     cast,
     exists,
@@ -30,15 +27,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID, array
-from sqlalchemy.sql.selectable import TableValuedAlias
 
 from content_retry.content_types import STORAGE, ContentType, PayloadFormat
 from content_retry.costs import NOT_CALLED, ItemCost
 from content_retry.generated import ContentModel
 from content_retry.repositories.claims import ItemKey
-from content_retry.repositories.roadmaps import array_or_empty, member, member_text
+from content_retry.repositories.roadmaps import concept_listings, member_text
 from content_retry.statuses import ContentStatus, FrameworkStatus, ItemStatus
 from content_retry.tables import (
+    completed_latest,
     constant,
     content_tables,
     payload_column,
@@ -52,19 +49,6 @@ from content_retry.tables import (
 _TASK = bindparam("task", type_=Text)
 _ROADMAP = bindparam("roadmap", type_=Text)
 _CONCEPT = bindparam("concept", type_=Text)
-
-
-def _completed_latest(
-    rows: FromClause, roadmap_id: ColumnElement[Any], concept_id: ColumnElement[Any]
-) -> ColumnElement[bool]:
-    """Whether a row of a content table (``rows``: the table or an alias) is the
-    concept's latest version, completed."""
-    return and_(
-        rows.c.roadmap_id == roadmap_id,
-        rows.c.concept_id == concept_id,
-        rows.c.is_latest,
-        rows.c.content_status == constant(ContentStatus.COMPLETED),
-    )
 
 
 @dataclass(frozen=True)
@@ -220,7 +204,7 @@ def _item_succeeded(content_type: ContentType) -> Update:
             items.roadmap_id,
             ~exists()
             .where(
-                _completed_latest(content, _ROADMAP, _CONCEPT),
+                completed_latest(content, _ROADMAP, _CONCEPT),
                 task.c.task_id == task_id,
                 content.c.created_at > task.c.created_at,
             )
@@ -239,20 +223,18 @@ def _framework_completed(content_type: ContentType, saved: CTE) -> Update:
     status (never the content) if the roadmap was restructured meanwhile.
     """
     roadmap = roadmap_metadata.alias("r")
-    stages = _elements(member(roadmap.c.framework_data, "stages"), "s", "stage", "i")
-    modules = _elements(member(stages.c.stage, "modules"), "m", "module", "j")
-    concepts = _elements(member(modules.c.module, "concepts"), "c", "concept", "k")
+    stages, modules, concepts = concept_listings(roadmap.c.framework_data)
     concept_path = (
         select(
             roadmap.c.roadmap_id,
             array(
                 [
                     constant("stages"),
-                    cast(stages.c.i - 1, Text),
+                    cast(stages.c.i - constant(1), Text),
                     constant("modules"),
-                    cast(modules.c.j - 1, Text),
+                    cast(modules.c.j - constant(1), Text),
                     constant("concepts"),
-                    cast(concepts.c.k - 1, Text),
+                    cast(concepts.c.k - constant(1), Text),
                 ]
             ).label("path"),
         )
@@ -287,16 +269,4 @@ def _framework_completed(content_type: ContentType, saved: CTE) -> Update:
             exists().select_from(saved),
         )
         .returning(roadmap_metadata.c.roadmap_id)
-    )
-
-
-def _elements(
-    array_value: ColumnElement[Any], name: str, element: str, position: str
-) -> TableValuedAlias:
-    """``jsonb_array_elements(array_value) WITH ORDINALITY AS name(element, position)``,
-    an empty set when ``array_value`` is not an array."""
-    return (
-        func.jsonb_array_elements(array_or_empty(array_value))
-        .table_valued(element, with_ordinality=position, joins_implicitly=True)
-        .render_derived(name=name)
     )

@@ -75,6 +75,18 @@ def _elements(array: ColumnElement[Any], value: str, ordinality: str) -> TableVa
     )
 
 
+def concept_listings(
+    framework_data: ColumnElement[Any],
+) -> tuple[TableValuedAlias, TableValuedAlias, TableValuedAlias]:
+    """The stages, modules and concepts of ``framework_data``, as lateral sources
+    ``stage(stage, i)``, ``module(module, j)`` and ``concept(concept, k)``; a level
+    that is not an array lists nothing (the rest is read where well-formed)."""
+    stages = _elements(array_or_empty(member(framework_data, "stages")), "stage", "i")
+    modules = _elements(array_or_empty(member(stages.c.stage, "modules")), "module", "j")
+    concepts = _elements(array_or_empty(member(modules.c.module, "concepts")), "concept", "k")
+    return stages, modules, concepts
+
+
 def _is(document: ColumnElement[Any], jsonb_type: str) -> ColumnElement[bool]:
     return func.jsonb_typeof(document) == constant(jsonb_type)
 
@@ -201,9 +213,7 @@ def _concepts(content_types: tuple[ContentType, ...]) -> Any:
     """Every concept object of ``:roadmap_id``'s ``framework_data``: its id, texts,
     place, and its framework status for each of ``content_types`` (by status key)."""
     roadmaps = roadmap_metadata.alias("r")
-    stages = _elements(array_or_empty(member(roadmaps.c.framework_data, "stages")), "stage", "i")
-    modules = _elements(array_or_empty(member(stages.c.stage, "modules")), "module", "j")
-    concepts = _elements(array_or_empty(member(modules.c.module, "concepts")), "concept", "k")
+    stages, modules, concepts = concept_listings(roadmaps.c.framework_data)
     concept = concepts.c.concept
     concept_id = member_text(concept, "concept_id")
     return (
